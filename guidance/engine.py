@@ -1,0 +1,219 @@
+"""One `GuidanceRun` per sampler run: it owns every piece of per-run state and composes the methods.
+
+The host adapter calls `GuidanceRun.step` once per denoiser call with the predictions of every row
+(`StepInputs`). Predictions arrive in the host's own parameterisation: k-diffusion samplers give
+denoised x0 estimates with sigma, timestep samplers give eps. Classifier-free guidance is linear, so
+when no method acts at a step the run combines the rows in the host's space with exactly the host's
+operations, in the host's order: the result is bit-identical to the host. Only when a method acts
+are the rows converted to eps (where every method is defined), combined as in ARCHITECTURE.md and
+converted back:
+
+    d     = Σ_j w_j (eps_cond_j − eps_uncond)        AND sub-prompts, as the host weighs them
+    d     = rate ⊙ d                                  region scales (S-CFG), when on
+    eps   = eps_uncond + cfg_scale · d + Σ additive terms (concepts, SEGA edits)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+import torch
+
+from .params import Settings
+
+PREDICTION_SPACES = ("x0", "eps")
+
+
+class GuidanceError(RuntimeError):
+    """A problem inside a run; the host adapter falls back to its own CFG for the image."""
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What a run knows about one image of the batch."""
+
+    prompt: str
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ExtraRow:
+    """One extra conditional row the host must add to the UNet batch for `image`."""
+
+    image: int
+    source: str  # the method that asked for it, e.g. "concepts" or "sega"
+    text: str
+
+
+@dataclass
+class StepInputs:
+    """Everything one denoiser call produced, in the host's parameterisation (`space`).
+
+    `cond` holds the cond rows (AND sub-prompts of every image) and `conds_list[i]` lists
+    `(row of cond, AND weight)` for image i, exactly like A1111's `reconstruct_multicond_batch`.
+    `extra` holds the predictions of `GuidanceRun.extra_rows`, in that order.
+    """
+
+    uncond: torch.Tensor  # (B, C, H, W)
+    cond: torch.Tensor  # (n_cond, C, H, W)
+    conds_list: Sequence[Sequence[tuple[int, float]]]
+    x: torch.Tensor  # (B, C, H, W): the noisy latent the predictions were made from
+    sigma: torch.Tensor  # (B,): k-diffusion sigma (x0 space) or the timestep (eps space)
+    step: int  # 0-based index within this sampler run
+    total_steps: int
+    cfg_scale: float
+    extra: torch.Tensor | None = None  # (len(extra_rows), C, H, W)
+    space: str = "x0"
+    uncond_skipped: bool = False  # the host replaced uncond by a cond row (NGMS, skip early CFG)
+
+
+@dataclass
+class ImageStep:
+    """One image at one step, in eps space, handed to the methods."""
+
+    image: int
+    step: int
+    total_steps: int
+    cfg_scale: float
+    eps_uncond: torch.Tensor  # (C, H, W)
+    direction: torch.Tensor  # Σ_j w_j (eps_cond_j − eps_uncond), before region scales
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # source -> (k, C, H, W)
+
+
+class RegionScale(Protocol):
+    """Scales the CFG direction per position (S-CFG)."""
+
+    def active(self, step: int, total_steps: int) -> bool: ...
+
+    def rate(self, image_step: ImageStep) -> torch.Tensor: ...  # broadcastable to (C, H, W)
+
+
+class AdditiveTerm(Protocol):
+    """Adds an eps-space term after CFG (concept steering, SEGA edits). One object per image, so
+    each image keeps its own state."""
+
+    source: str
+
+    def extra_prompts(self) -> Sequence[str]: ...
+
+    def active(self, step: int, total_steps: int) -> bool: ...
+
+    def term(self, image_step: ImageStep) -> torch.Tensor | None: ...  # (C, H, W) or None
+
+
+def schedule_index(fraction: float, total_steps: int) -> int:
+    """A schedule point given as a fraction of the run, as a step index of this run (halves round
+    up, so 0.5 of 5 steps is step 3 whatever Python's round-half-even would say)."""
+    return int(fraction * total_steps + 0.5)
+
+
+def combine_cfg(uncond: torch.Tensor, cond: torch.Tensor,
+                conds_list: Sequence[Sequence[tuple[int, float]]], cfg_scale: float) -> torch.Tensor:
+    """The host's classifier-free guidance: A1111's `CFGDenoiser.combine_denoised`, operation for
+    operation (clone the uncond rows, then add each sub-prompt's scaled difference in order)."""
+    denoised = torch.clone(uncond)
+    for image, conds in enumerate(conds_list):
+        for row, weight in conds:
+            denoised[image] += (cond[row] - uncond[image]) * (weight * cfg_scale)
+    return denoised
+
+
+class PredictionSpace:
+    """Converts one step's predictions between the host's space and eps, per image."""
+
+    def __init__(self, space: str, x: torch.Tensor, sigma: torch.Tensor):
+        if space not in PREDICTION_SPACES:
+            raise GuidanceError(f"unknown prediction space {space!r}")
+        self.space = space
+        self.x = x
+        self.sigma = sigma.reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+
+    def to_eps(self, prediction: torch.Tensor, image: int) -> torch.Tensor:
+        if self.space == "eps":
+            return prediction
+        return (self.x[image] - prediction) / self.sigma[image]
+
+    def from_eps(self, eps: torch.Tensor, image: int) -> torch.Tensor:
+        if self.space == "eps":
+            return eps
+        return self.x[image] - self.sigma[image] * eps
+
+
+class GuidanceRun:
+    """Per sampler run: the validated settings, the per-image method objects and their state."""
+
+    def __init__(self, settings: Settings, images: Sequence[ImageInfo],
+                 region_scale: RegionScale | None = None,
+                 terms: Sequence[Sequence[AdditiveTerm]] | None = None):
+        self.settings = settings
+        self.images = tuple(images)
+        self.region_scale = region_scale
+        self.terms = [list(t) for t in terms] if terms is not None else [[] for _ in self.images]
+        if len(self.terms) != len(self.images):
+            raise GuidanceError(f"{len(self.terms)} term lists for {len(self.images)} images")
+        self.extra_rows = tuple(
+            ExtraRow(image, term.source, text)
+            for image, image_terms in enumerate(self.terms)
+            for term in image_terms
+            for text in term.extra_prompts()
+        )
+        self.steps_seen = 0
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.images)
+
+    def _validate(self, inputs: StepInputs) -> None:
+        batch = self.batch_size
+        if inputs.uncond.shape[0] != batch or len(inputs.conds_list) != batch:
+            raise GuidanceError(f"the run was set up for {batch} images, the step has "
+                                f"{inputs.uncond.shape[0]} uncond rows and {len(inputs.conds_list)} "
+                                "images")
+        extra = 0 if inputs.extra is None else inputs.extra.shape[0]
+        if extra != len(self.extra_rows):
+            raise GuidanceError(f"expected {len(self.extra_rows)} extra rows, got {extra}")
+
+    def _acting(self, inputs: StepInputs) -> bool:
+        if inputs.uncond_skipped:
+            return False  # no real uncond on this step: nothing to steer against
+        if self.region_scale is not None and self.region_scale.active(inputs.step, inputs.total_steps):
+            return True
+        return any(t.active(inputs.step, inputs.total_steps) for ts in self.terms for t in ts)
+
+    def step(self, inputs: StepInputs) -> torch.Tensor:
+        """The guided prediction for every image, (B, C, H, W), in the host's space."""
+        self._validate(inputs)
+        self.steps_seen += 1
+        if not self._acting(inputs):
+            return combine_cfg(inputs.uncond, inputs.cond, inputs.conds_list, inputs.cfg_scale)
+
+        space = PredictionSpace(inputs.space, inputs.x, inputs.sigma)
+        extra_by_image = self._split_extra(inputs)
+        guided = torch.empty_like(inputs.uncond)
+        for image, conds in enumerate(inputs.conds_list):
+            eps_uncond = space.to_eps(inputs.uncond[image], image)
+            direction = torch.zeros_like(eps_uncond)
+            for row, weight in conds:
+                direction += (space.to_eps(inputs.cond[row], image) - eps_uncond) * weight
+            image_step = ImageStep(image, inputs.step, inputs.total_steps, inputs.cfg_scale,
+                                   eps_uncond, direction,
+                                   {source: torch.stack([space.to_eps(p, image) for p in preds])
+                                    for source, preds in extra_by_image[image].items()})
+            scaled = direction
+            if self.region_scale is not None and self.region_scale.active(inputs.step, inputs.total_steps):
+                scaled = direction * self.region_scale.rate(image_step)
+            eps = eps_uncond + inputs.cfg_scale * scaled
+            for term in self.terms[image]:
+                if term.active(inputs.step, inputs.total_steps):
+                    added = term.term(image_step)
+                    if added is not None:
+                        eps = eps + added
+            guided[image] = space.from_eps(eps, image)
+        return guided
+
+    def _split_extra(self, inputs: StepInputs) -> list[dict[str, list[torch.Tensor]]]:
+        by_image: list[dict[str, list[torch.Tensor]]] = [{} for _ in self.images]
+        for index, row in enumerate(self.extra_rows):
+            by_image[row.image].setdefault(row.source, []).append(inputs.extra[index])
+        return by_image
