@@ -15,8 +15,9 @@ converted back:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import torch
 
@@ -108,8 +109,9 @@ def schedule_index(fraction: float, total_steps: int) -> int:
     return int(fraction * total_steps + 0.5)
 
 
-def combine_cfg(uncond: torch.Tensor, cond: torch.Tensor,
-                conds_list: Sequence[Sequence[tuple[int, float]]], cfg_scale: float) -> torch.Tensor:
+def combine_cfg(
+    uncond: torch.Tensor, cond: torch.Tensor, conds_list: Sequence[Sequence[tuple[int, float]]], cfg_scale: float
+) -> torch.Tensor:
     """The host's classifier-free guidance: A1111's `CFGDenoiser.combine_denoised`, operation for
     operation (clone the uncond rows, then add each sub-prompt's scaled difference in order)."""
     denoised = torch.clone(uncond)
@@ -143,9 +145,13 @@ class PredictionSpace:
 class GuidanceRun:
     """Per sampler run: the validated settings, the per-image method objects and their state."""
 
-    def __init__(self, settings: Settings, images: Sequence[ImageInfo],
-                 region_scale: RegionScale | None = None,
-                 terms: Sequence[Sequence[AdditiveTerm]] | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        images: Sequence[ImageInfo],
+        region_scale: RegionScale | None = None,
+        terms: Sequence[Sequence[AdditiveTerm]] | None = None,
+    ):
         self.settings = settings
         self.images = tuple(images)
         self.region_scale = region_scale
@@ -167,9 +173,11 @@ class GuidanceRun:
     def _validate(self, inputs: StepInputs) -> None:
         batch = self.batch_size
         if inputs.uncond.shape[0] != batch or len(inputs.conds_list) != batch:
-            raise GuidanceError(f"the run was set up for {batch} images, the step has "
-                                f"{inputs.uncond.shape[0]} uncond rows and {len(inputs.conds_list)} "
-                                "images")
+            raise GuidanceError(
+                f"the run was set up for {batch} images, the step has "
+                f"{inputs.uncond.shape[0]} uncond rows and {len(inputs.conds_list)} "
+                "images"
+            )
         extra = 0 if inputs.extra is None else inputs.extra.shape[0]
         if extra != len(self.extra_rows):
             raise GuidanceError(f"expected {len(self.extra_rows)} extra rows, got {extra}")
@@ -196,10 +204,18 @@ class GuidanceRun:
             direction = torch.zeros_like(eps_uncond)
             for row, weight in conds:
                 direction += (space.to_eps(inputs.cond[row], image) - eps_uncond) * weight
-            image_step = ImageStep(image, inputs.step, inputs.total_steps, inputs.cfg_scale,
-                                   eps_uncond, direction,
-                                   {source: torch.stack([space.to_eps(p, image) for p in preds])
-                                    for source, preds in extra_by_image[image].items()})
+            image_step = ImageStep(
+                image,
+                inputs.step,
+                inputs.total_steps,
+                inputs.cfg_scale,
+                eps_uncond,
+                direction,
+                {
+                    source: torch.stack([space.to_eps(p, image) for p in preds])
+                    for source, preds in extra_by_image[image].items()
+                },
+            )
             scaled = direction
             if self.region_scale is not None and self.region_scale.active(inputs.step, inputs.total_steps):
                 scaled = direction * self.region_scale.rate(image_step)

@@ -12,8 +12,9 @@ from __future__ import annotations
 import difflib
 import math
 import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 INFOTEXT_PREFIX = "Semantic Fidelity"
 XYZ_PREFIX = "[Semantic Fidelity]"
@@ -118,17 +119,48 @@ def _edit_field(key, label, kind, default, minimum, maximum, step, tooltip) -> P
 
 # The fields of one edit, in the order of the compact text form (after the prompt and sign).
 EDIT_FIELDS: tuple[Param, ...] = (
-    _edit_field("scale", "Scale", "float", 5.0, 0.0, 50.0, 0.5,
-                "How strongly the edit pushes (SEGA s_e). The paper uses 3 to 7."),
-    _edit_field("threshold", "Threshold", "float", 0.9, 0.0, 0.999, 0.005,
-                "Fraction of the latent left untouched, per channel (SEGA λ). 0.9 edits the "
-                "strongest 10 %; 0.95 for small, local edits."),
-    _edit_field("warmup", "Warm-up", "float", 0.2, 0.0, 1.0, 0.01,
-                "Fraction of the run before the edit applies (diffusers: 10 of 50 steps)."),
-    _edit_field("cooldown", "Cool-down", "float", 1.0, 0.0, 1.0, 0.01,
-                "Fraction of the run after which the edit stops; 1 = never."),
-    _edit_field("weight", "Weight", "float", 1.0, 0.0, 10.0, 0.05,
-                "Relative weight of this edit among the edits."),
+    _edit_field(
+        "scale",
+        "Scale",
+        "float",
+        5.0,
+        0.0,
+        50.0,
+        0.5,
+        "How strongly the edit pushes (SEGA s_e). The paper uses 3 to 7.",
+    ),
+    _edit_field(
+        "threshold",
+        "Threshold",
+        "float",
+        0.9,
+        0.0,
+        0.999,
+        0.005,
+        "Fraction of the latent left untouched, per channel (SEGA λ). 0.9 edits the "
+        "strongest 10 %; 0.95 for small, local edits.",
+    ),
+    _edit_field(
+        "warmup",
+        "Warm-up",
+        "float",
+        0.2,
+        0.0,
+        1.0,
+        0.01,
+        "Fraction of the run before the edit applies (diffusers: 10 of 50 steps).",
+    ),
+    _edit_field(
+        "cooldown",
+        "Cool-down",
+        "float",
+        1.0,
+        0.0,
+        1.0,
+        0.01,
+        "Fraction of the run after which the edit stops; 1 = never.",
+    ),
+    _edit_field("weight", "Weight", "float", 1.0, 0.0, 10.0, 0.05, "Relative weight of this edit among the edits."),
 )
 EDIT_KEYS = ("prompt", "reverse") + tuple(f.key for f in EDIT_FIELDS)
 _EDIT_NUMBER = re.compile(r"^\s*[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?\s*$")
@@ -142,7 +174,7 @@ def parse_edits_text(text: str) -> tuple[Edit, ...]:
     in the prompt.
     """
     edits = []
-    for line_number, line in enumerate(re.split(r"[\n;]", text or ""), start=1):
+    for line in re.split(r"[\n;]", text or ""):
         line = line.strip()
         if not line:
             continue
@@ -155,7 +187,7 @@ def parse_edits_text(text: str) -> tuple[Edit, ...]:
         while len(pieces) > 1 and len(numbers) < len(EDIT_FIELDS) and _EDIT_NUMBER.match(pieces[-1]):
             numbers.insert(0, pieces.pop())
         values: dict[str, Any] = {"prompt": ":".join(pieces).strip(), "reverse": reverse}
-        for spec, number in zip(EDIT_FIELDS, numbers):
+        for spec, number in zip(EDIT_FIELDS, numbers, strict=False):
             values[spec.key] = float(number)
         edits.append(values)
     return tuple(_coerce_edits(edits))
@@ -192,27 +224,28 @@ def _coerce_edits(value: Any) -> list[Edit]:
             raise ValueError(f"edit {index}: expected an object with a 'prompt', got {item!r}")
         unknown = sorted(set(item) - set(EDIT_KEYS))
         if unknown:
-            raise ValueError(f"edit {index}: unknown field(s) {', '.join(unknown)} "
-                             f"(known: {', '.join(EDIT_KEYS)})")
+            raise ValueError(f"edit {index}: unknown field(s) {', '.join(unknown)} (known: {', '.join(EDIT_KEYS)})")
         prompt = item.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"edit {index}: the prompt is empty")
         prompt = prompt.strip()
         if len(prompt) > MAX_EDIT_PROMPT_CHARS:
-            raise ValueError(f"edit {index}: the prompt has {len(prompt)} characters, "
-                             f"at most {MAX_EDIT_PROMPT_CHARS} are allowed")
+            raise ValueError(
+                f"edit {index}: the prompt has {len(prompt)} characters, at most {MAX_EDIT_PROMPT_CHARS} are allowed"
+            )
         if re.search(r"[\n;]", prompt):
             raise ValueError(f"edit {index}: the prompt may not contain ';' or a line break")
-        values: dict[str, Any] = {"prompt": prompt,
-                                  "reverse": _coerce_bool(item.get("reverse", False))}
+        values: dict[str, Any] = {"prompt": prompt, "reverse": _coerce_bool(item.get("reverse", False))}
         for spec in EDIT_FIELDS:
             try:
                 values[spec.key] = _coerce_number(spec, item.get(spec.key, spec.default))
             except ValueError as error:
                 raise ValueError(f"edit {index} ({prompt}): {spec.label.lower()} {error}") from None
         if values["cooldown"] <= values["warmup"]:
-            raise ValueError(f"edit {index} ({prompt}): cool-down {format_number(values['cooldown'])} "
-                             f"must be later than warm-up {format_number(values['warmup'])}")
+            raise ValueError(
+                f"edit {index} ({prompt}): cool-down {format_number(values['cooldown'])} "
+                f"must be later than warm-up {format_number(values['warmup'])}"
+            )
         edits.append(Edit(**values))
     if len(edits) > MAX_EDITS:
         raise ValueError(f"{len(edits)} edits given, at most {MAX_EDITS} are supported")
@@ -223,133 +256,462 @@ def _coerce_edits(value: Any) -> list[Edit]:
 # The parameters, in UI order. That order is also the positional order of the API's args.
 
 
-def _p(key, label, kind, default, section, infotext_name, tooltip, minimum=None, maximum=None,
-       step=None, choices=(), xyz=None, max_length=None, check=None) -> Param:
+def _p(
+    key,
+    label,
+    kind,
+    default,
+    section,
+    infotext_name,
+    tooltip,
+    minimum=None,
+    maximum=None,
+    step=None,
+    choices=(),
+    xyz=None,
+    max_length=None,
+    check=None,
+) -> Param:
     if xyz is None:  # every number gets an X/Y/Z axis by default
         xyz = kind in ("int", "float")
-    return Param(key, label, kind, default, section, tooltip, infotext_name, minimum, maximum, step,
-                 tuple(choices), xyz, max_length, check)
+    return Param(
+        key,
+        label,
+        kind,
+        default,
+        section,
+        tooltip,
+        infotext_name,
+        minimum,
+        maximum,
+        step,
+        tuple(choices),
+        xyz,
+        max_length,
+        check,
+    )
 
 
 REGULATION_LAYER_CHOICES = ("last down + first up", "last down", "first up", "all cross-attention")
 
 _PARAM_LIST = [
     # -- general ---------------------------------------------------------------------------------
-    _p("enable", "Enable Semantic Fidelity", "bool", False, "general", "",
-       "Master switch. Off: the image is exactly what the WebUI makes without the extension.",
-       xyz=True),
-    _p("apply_hires", "Apply in the hires-fix pass", "bool", True, "general", "hires",
-       "Also steer the second (hires-fix) pass. Its schedules are fractions of that pass's steps.",
-       xyz=True),
+    _p(
+        "enable",
+        "Enable Semantic Fidelity",
+        "bool",
+        False,
+        "general",
+        "",
+        "Master switch. Off: the image is exactly what the WebUI makes without the extension.",
+        xyz=True,
+    ),
+    _p(
+        "apply_hires",
+        "Apply in the hires-fix pass",
+        "bool",
+        True,
+        "general",
+        "hires",
+        "Also steer the second (hires-fix) pass. Its schedules are fractions of that pass's steps.",
+        xyz=True,
+    ),
     # -- concept steering (ConceptDiffusion) ------------------------------------------------------
-    _p("concepts_enable", "Concept steering", "bool", False, "concepts", "concept steering",
-       "Find the concepts the model neglects and steer towards them (ConceptDiffusion).", xyz=True),
-    _p("concepts", "Concepts", "str", "", "concepts", "concepts",
-       "Noun phrases to watch, separated by ';' or ','. Empty: detected from the prompt.",
-       xyz=True, max_length=MAX_PHRASE_LIST_CHARS, check=_check_phrase_list),
-    _p("concept_scale", "Concept scale", "float", 8.5, "concepts", "concept scale",
-       "Strength of the concept guidance, separate from CFG (authors: 8.5 at CFG 7.5).",
-       0.0, 30.0, 0.5),
-    _p("concept_subject_threshold", "Subject threshold", "float", 0.5, "concepts",
-       "concept subject threshold",
-       "A subject is steered while its mean similarity to the prompt's guidance stays below "
-       "this (authors: 0.5).", 0.0, 1.0, 0.01),
-    _p("concept_abstract_threshold", "Abstract threshold", "float", 0.5, "concepts",
-       "concept abstract threshold",
-       "The abstract concept (what keeps subjects apart) is steered below this similarity.",
-       0.0, 1.0, 0.01),
-    _p("concept_auto_threshold", "Auto threshold 1/(n+1)", "bool", False, "concepts",
-       "concept auto threshold",
-       "Use the paper's threshold 1/(n+1) for n concepts instead of the two thresholds above.",
-       xyz=True),
-    _p("concept_abstract", "Keep subjects apart", "bool", True, "concepts", "concept abstract",
-       "Also steer the abstract concept: the prompt's guidance with every subject removed.",
-       xyz=True),
-    _p("concept_percentile", "Percentile", "float", 0.9, "concepts", "concept percentile",
-       "Guidance below this per-channel quantile is dropped before comparing (authors: 0.9).",
-       0.0, 0.999, 0.005),
-    _p("concept_momentum", "Momentum", "float", 0.5, "concepts", "concept momentum",
-       "Momentum scale of the subject guidance (authors: 0.5).", 0.0, 1.0, 0.05),
-    _p("concept_momentum_beta", "Momentum β", "float", 0.5, "concepts", "concept momentum beta",
-       "How much momentum is kept from step to step (authors: 0.5).", 0.0, 0.99, 0.01),
-    _p("concept_warmup", "Warm-up", "float", 0.1, "concepts", "concept warmup",
-       "Fraction of the run before concepts are steered (authors: 5 of 50 steps).",
-       0.0, 1.0, 0.01),
-    _p("concept_cooldown", "Cool-down", "float", 1.0, "concepts", "concept cooldown",
-       "Fraction of the run after which steering stops; 1 = never.", 0.0, 1.0, 0.01),
-    _p("concept_window", "Window", "int", 5, "concepts", "concept window",
-       "Number of previous steps whose similarity is averaged for the decision (authors: 5).",
-       1, 50, 1),
+    _p(
+        "concepts_enable",
+        "Concept steering",
+        "bool",
+        False,
+        "concepts",
+        "concept steering",
+        "Find the concepts the model neglects and steer towards them (ConceptDiffusion).",
+        xyz=True,
+    ),
+    _p(
+        "concepts",
+        "Concepts",
+        "str",
+        "",
+        "concepts",
+        "concepts",
+        "Noun phrases to watch, separated by ';' or ','. Empty: detected from the prompt.",
+        xyz=True,
+        max_length=MAX_PHRASE_LIST_CHARS,
+        check=_check_phrase_list,
+    ),
+    _p(
+        "concept_scale",
+        "Concept scale",
+        "float",
+        8.5,
+        "concepts",
+        "concept scale",
+        "Strength of the concept guidance, separate from CFG (authors: 8.5 at CFG 7.5).",
+        0.0,
+        30.0,
+        0.5,
+    ),
+    _p(
+        "concept_subject_threshold",
+        "Subject threshold",
+        "float",
+        0.5,
+        "concepts",
+        "concept subject threshold",
+        "A subject is steered while its mean similarity to the prompt's guidance stays below this (authors: 0.5).",
+        0.0,
+        1.0,
+        0.01,
+    ),
+    _p(
+        "concept_abstract_threshold",
+        "Abstract threshold",
+        "float",
+        0.5,
+        "concepts",
+        "concept abstract threshold",
+        "The abstract concept (what keeps subjects apart) is steered below this similarity.",
+        0.0,
+        1.0,
+        0.01,
+    ),
+    _p(
+        "concept_auto_threshold",
+        "Auto threshold 1/(n+1)",
+        "bool",
+        False,
+        "concepts",
+        "concept auto threshold",
+        "Use the paper's threshold 1/(n+1) for n concepts instead of the two thresholds above.",
+        xyz=True,
+    ),
+    _p(
+        "concept_abstract",
+        "Keep subjects apart",
+        "bool",
+        True,
+        "concepts",
+        "concept abstract",
+        "Also steer the abstract concept: the prompt's guidance with every subject removed.",
+        xyz=True,
+    ),
+    _p(
+        "concept_percentile",
+        "Percentile",
+        "float",
+        0.9,
+        "concepts",
+        "concept percentile",
+        "Guidance below this per-channel quantile is dropped before comparing (authors: 0.9).",
+        0.0,
+        0.999,
+        0.005,
+    ),
+    _p(
+        "concept_momentum",
+        "Momentum",
+        "float",
+        0.5,
+        "concepts",
+        "concept momentum",
+        "Momentum scale of the subject guidance (authors: 0.5).",
+        0.0,
+        1.0,
+        0.05,
+    ),
+    _p(
+        "concept_momentum_beta",
+        "Momentum β",
+        "float",
+        0.5,
+        "concepts",
+        "concept momentum beta",
+        "How much momentum is kept from step to step (authors: 0.5).",
+        0.0,
+        0.99,
+        0.01,
+    ),
+    _p(
+        "concept_warmup",
+        "Warm-up",
+        "float",
+        0.1,
+        "concepts",
+        "concept warmup",
+        "Fraction of the run before concepts are steered (authors: 5 of 50 steps).",
+        0.0,
+        1.0,
+        0.01,
+    ),
+    _p(
+        "concept_cooldown",
+        "Cool-down",
+        "float",
+        1.0,
+        "concepts",
+        "concept cooldown",
+        "Fraction of the run after which steering stops; 1 = never.",
+        0.0,
+        1.0,
+        0.01,
+    ),
+    _p(
+        "concept_window",
+        "Window",
+        "int",
+        5,
+        "concepts",
+        "concept window",
+        "Number of previous steps whose similarity is averaged for the decision (authors: 5).",
+        1,
+        50,
+        1,
+    ),
     # -- SEGA edits -------------------------------------------------------------------------------
-    _p("sega_enable", "SEGA edits", "bool", False, "sega", "SEGA",
-       "Add or remove concepts with extra edit prompts (Semantic Guidance).", xyz=True),
-    _p("sega_edits", "Edits", "edits", (), "sega", "SEGA edits",
-       "One edit per line or separated by ';': '+ sunglasses : 5' adds, '- blur : 4' removes. "
-       "Optional fields after the scale: threshold, warm-up, cool-down, weight.", xyz=True),
-    _p("sega_momentum", "Momentum", "float", 0.1, "sega", "SEGA momentum",
-       "Momentum scale shared by all edits (diffusers: 0.1).", 0.0, 1.0, 0.05),
-    _p("sega_momentum_beta", "Momentum β", "float", 0.4, "sega", "SEGA momentum beta",
-       "How much momentum is kept from step to step (diffusers: 0.4).", 0.0, 0.99, 0.01),
+    _p(
+        "sega_enable",
+        "SEGA edits",
+        "bool",
+        False,
+        "sega",
+        "SEGA",
+        "Add or remove concepts with extra edit prompts (Semantic Guidance).",
+        xyz=True,
+    ),
+    _p(
+        "sega_edits",
+        "Edits",
+        "edits",
+        (),
+        "sega",
+        "SEGA edits",
+        "One edit per line or separated by ';': '+ sunglasses : 5' adds, '- blur : 4' removes. "
+        "Optional fields after the scale: threshold, warm-up, cool-down, weight.",
+        xyz=True,
+    ),
+    _p(
+        "sega_momentum",
+        "Momentum",
+        "float",
+        0.1,
+        "sega",
+        "SEGA momentum",
+        "Momentum scale shared by all edits (diffusers: 0.1).",
+        0.0,
+        1.0,
+        0.05,
+    ),
+    _p(
+        "sega_momentum_beta",
+        "Momentum β",
+        "float",
+        0.4,
+        "sega",
+        "SEGA momentum beta",
+        "How much momentum is kept from step to step (diffusers: 0.4).",
+        0.0,
+        0.99,
+        0.01,
+    ),
     # -- S-CFG ------------------------------------------------------------------------------------
-    _p("scfg_enable", "S-CFG region scales", "bool", False, "scfg", "S-CFG",
-       "Give every region of the image its own CFG scale so each part of the prompt gets an "
-       "even push (S-CFG).", xyz=True),
-    _p("scfg_rate_min", "Minimum rate", "float", 0.8, "scfg", "S-CFG rate min",
-       "Lowest factor on CFG in any region (authors: 0.8).", 0.0, 5.0, 0.05),
-    _p("scfg_rate_max", "Maximum rate", "float", 3.0, "scfg", "S-CFG rate max",
-       "Highest factor on CFG in any region (authors: 3).", 0.1, 10.0, 0.05),
-    _p("scfg_rate_cap", "Effective CFG cap", "float", 15.0, "scfg", "S-CFG cap",
-       "The rate also stays at or below cap / CFG scale, so no region exceeds this CFG "
-       "(authors: 15).", 1.0, 100.0, 0.5),
-    _p("scfg_mask_factor", "Mask resolution factor R", "int", 4, "scfg", "S-CFG R",
-       "Regions are computed at latent size / R from the attention layers at R and 2R "
-       "(authors: 4). A power of two.", 1, 8, 1),
-    _p("scfg_start", "Start", "float", 0.0, "scfg", "S-CFG start",
-       "Fraction of the run where region scales begin.", 0.0, 1.0, 0.01),
-    _p("scfg_end", "End", "float", 1.0, "scfg", "S-CFG end",
-       "Fraction of the run where region scales end.", 0.0, 1.0, 0.01),
+    _p(
+        "scfg_enable",
+        "S-CFG region scales",
+        "bool",
+        False,
+        "scfg",
+        "S-CFG",
+        "Give every region of the image its own CFG scale so each part of the prompt gets an even push (S-CFG).",
+        xyz=True,
+    ),
+    _p(
+        "scfg_rate_min",
+        "Minimum rate",
+        "float",
+        0.8,
+        "scfg",
+        "S-CFG rate min",
+        "Lowest factor on CFG in any region (authors: 0.8).",
+        0.0,
+        5.0,
+        0.05,
+    ),
+    _p(
+        "scfg_rate_max",
+        "Maximum rate",
+        "float",
+        3.0,
+        "scfg",
+        "S-CFG rate max",
+        "Highest factor on CFG in any region (authors: 3).",
+        0.1,
+        10.0,
+        0.05,
+    ),
+    _p(
+        "scfg_rate_cap",
+        "Effective CFG cap",
+        "float",
+        15.0,
+        "scfg",
+        "S-CFG cap",
+        "The rate also stays at or below cap / CFG scale, so no region exceeds this CFG (authors: 15).",
+        1.0,
+        100.0,
+        0.5,
+    ),
+    _p(
+        "scfg_mask_factor",
+        "Mask resolution factor R",
+        "int",
+        4,
+        "scfg",
+        "S-CFG R",
+        "Regions are computed at latent size / R from the attention layers at R and 2R (authors: 4). A power of two.",
+        1,
+        8,
+        1,
+    ),
+    _p(
+        "scfg_start",
+        "Start",
+        "float",
+        0.0,
+        "scfg",
+        "S-CFG start",
+        "Fraction of the run where region scales begin.",
+        0.0,
+        1.0,
+        0.01,
+    ),
+    _p(
+        "scfg_end",
+        "End",
+        "float",
+        1.0,
+        "scfg",
+        "S-CFG end",
+        "Fraction of the run where region scales end.",
+        0.0,
+        1.0,
+        0.01,
+    ),
     # -- attention regulation ---------------------------------------------------------------------
-    _p("regulation_enable", "Attention regulation", "bool", False, "regulation", "regulation",
-       "Optimise the cross-attention so that every target word gets enough attention.",
-       xyz=True),
-    _p("regulation_targets", "Target words", "str", "", "regulation", "regulation targets",
-       "Words or phrases of the prompt to regulate, separated by ';' or ','. Empty: the concepts.",
-       xyz=True, max_length=MAX_PHRASE_LIST_CHARS, check=_check_phrase_list),
-    _p("regulation_layers", "Layers", "choice", REGULATION_LAYER_CHOICES[0], "regulation",
-       "regulation layers",
-       "Cross-attention layers to regulate (paper: the last down block and the first up block).",
-       choices=REGULATION_LAYER_CHOICES, xyz=True),
-    _p("regulation_end", "End", "float", 0.5, "regulation", "regulation end",
-       "Fraction of the run after which attention is left alone (paper: 25 of 50 steps).",
-       0.0, 1.0, 0.01),
-    _p("regulation_iterations", "Iterations", "int", 20, "regulation", "regulation iterations",
-       "Gradient steps per layer and step (authors: 20).", 1, 100, 1),
-    _p("regulation_step_size", "Step size", "float", 100.0, "regulation", "regulation step size",
-       "Gradient step size, multiplied by the number of rows as in the authors' code (100).",
-       1.0, 1000.0, 1.0),
-    _p("regulation_previous_weight", "Previous-step weight", "float", 0.25, "regulation",
-       "regulation previous weight",
-       "Share of the previous step's bias blended into this step's (authors: 0.25).",
-       0.0, 1.0, 0.05),
-    _p("regulation_decay", "Decay per step", "float", 0.99, "regulation", "regulation decay",
-       "The bias is multiplied by decay^step (authors: 0.99).", 0.5, 1.0, 0.005),
+    _p(
+        "regulation_enable",
+        "Attention regulation",
+        "bool",
+        False,
+        "regulation",
+        "regulation",
+        "Optimise the cross-attention so that every target word gets enough attention.",
+        xyz=True,
+    ),
+    _p(
+        "regulation_targets",
+        "Target words",
+        "str",
+        "",
+        "regulation",
+        "regulation targets",
+        "Words or phrases of the prompt to regulate, separated by ';' or ','. Empty: the concepts.",
+        xyz=True,
+        max_length=MAX_PHRASE_LIST_CHARS,
+        check=_check_phrase_list,
+    ),
+    _p(
+        "regulation_layers",
+        "Layers",
+        "choice",
+        REGULATION_LAYER_CHOICES[0],
+        "regulation",
+        "regulation layers",
+        "Cross-attention layers to regulate (paper: the last down block and the first up block).",
+        choices=REGULATION_LAYER_CHOICES,
+        xyz=True,
+    ),
+    _p(
+        "regulation_end",
+        "End",
+        "float",
+        0.5,
+        "regulation",
+        "regulation end",
+        "Fraction of the run after which attention is left alone (paper: 25 of 50 steps).",
+        0.0,
+        1.0,
+        0.01,
+    ),
+    _p(
+        "regulation_iterations",
+        "Iterations",
+        "int",
+        20,
+        "regulation",
+        "regulation iterations",
+        "Gradient steps per layer and step (authors: 20).",
+        1,
+        100,
+        1,
+    ),
+    _p(
+        "regulation_step_size",
+        "Step size",
+        "float",
+        100.0,
+        "regulation",
+        "regulation step size",
+        "Gradient step size, multiplied by the number of rows as in the authors' code (100).",
+        1.0,
+        1000.0,
+        1.0,
+    ),
+    _p(
+        "regulation_previous_weight",
+        "Previous-step weight",
+        "float",
+        0.25,
+        "regulation",
+        "regulation previous weight",
+        "Share of the previous step's bias blended into this step's (authors: 0.25).",
+        0.0,
+        1.0,
+        0.05,
+    ),
+    _p(
+        "regulation_decay",
+        "Decay per step",
+        "float",
+        0.99,
+        "regulation",
+        "regulation decay",
+        "The bias is multiplied by decay^step (authors: 0.99).",
+        0.5,
+        1.0,
+        0.005,
+    ),
 ]
 
 PARAMS: tuple[Param, ...] = tuple(replace(p, position=i) for i, p in enumerate(_PARAM_LIST))
 BY_KEY: Mapping[str, Param] = {p.key: p for p in PARAMS}
 BY_INFOTEXT: Mapping[str, Param] = {p.infotext_key: p for p in PARAMS}
-METHOD_SWITCHES = {"concepts": "concepts_enable", "sega": "sega_enable", "scfg": "scfg_enable",
-                   "regulation": "regulation_enable"}
+METHOD_SWITCHES = {
+    "concepts": "concepts_enable",
+    "sega": "sega_enable",
+    "scfg": "scfg_enable",
+    "regulation": "regulation_enable",
+}
 
 # Relations between controls: (keys, test on the values, message).
 _RELATIONS: tuple[tuple[tuple[str, ...], Callable[..., bool], str], ...] = (
-    (("concept_warmup", "concept_cooldown"), lambda w, c: c > w,
-     "Concept steering: cool-down must be later than warm-up"),
-    (("scfg_rate_min", "scfg_rate_max"), lambda lo, hi: lo <= hi,
-     "S-CFG: minimum rate must not exceed maximum rate"),
+    (
+        ("concept_warmup", "concept_cooldown"),
+        lambda w, c: c > w,
+        "Concept steering: cool-down must be later than warm-up",
+    ),
+    (("scfg_rate_min", "scfg_rate_max"), lambda lo, hi: lo <= hi, "S-CFG: minimum rate must not exceed maximum rate"),
     (("scfg_start", "scfg_end"), lambda s, e: e > s, "S-CFG: end must be later than start"),
-    (("scfg_mask_factor",), lambda r: r & (r - 1) == 0,
-     "S-CFG: mask resolution factor R must be 1, 2, 4 or 8"),
+    (("scfg_mask_factor",), lambda r: r & (r - 1) == 0, "S-CFG: mask resolution factor R must be 1, 2, 4 or 8"),
 )
 
 
@@ -501,7 +863,7 @@ def settings_from_args(args: Sequence[Any]) -> Settings:
         return build_settings(args[0])
     if len(args) > len(PARAMS):
         raise InvalidSettings([f"{len(args)} arguments given, at most {len(PARAMS)} are expected"])
-    return build_settings({param.key: value for param, value in zip(PARAMS, args)})
+    return build_settings({param.key: value for param, value in zip(PARAMS, args, strict=False)})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -557,9 +919,15 @@ def api_schema() -> dict[str, Any]:
         default = param.default
         if param.kind == "edits":
             default = [edit.as_dict() for edit in default]
-        return {"key": param.key, "label": param.label, "type": param.kind, "default": default,
-                "min": param.minimum, "max": param.maximum,
-                "choices": list(param.choices) or None}
+        return {
+            "key": param.key,
+            "label": param.label,
+            "type": param.kind,
+            "default": default,
+            "min": param.minimum,
+            "max": param.maximum,
+            "choices": list(param.choices) or None,
+        }
 
     return {
         "params": [describe(p) for p in PARAMS],

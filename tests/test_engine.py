@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from guidance.engine import (ExtraRow, GuidanceError, GuidanceRun, ImageInfo, StepInputs, combine_cfg,
-                             schedule_index)
+from guidance.engine import ExtraRow, GuidanceError, GuidanceRun, ImageInfo, StepInputs, combine_cfg, schedule_index
 from guidance.params import build_settings
 
 
@@ -38,9 +37,19 @@ class ConstantTerm:
 def _inputs(batch=2, space="x0", extra=None, step=0, conds_list=None, skipped=False):
     conds_list = conds_list or [[(0, 1.0)], [(1, 0.7), (2, 0.3)]][:batch]
     n_cond = sum(len(c) for c in conds_list)
-    return StepInputs(uncond=_rows(batch, 1), cond=_rows(n_cond, 2), conds_list=conds_list, x=_rows(batch, 3),
-                      sigma=torch.tensor([2.5, 0.7][:batch]), step=step, total_steps=10, cfg_scale=7.5,
-                      extra=extra, space=space, uncond_skipped=skipped)
+    return StepInputs(
+        uncond=_rows(batch, 1),
+        cond=_rows(n_cond, 2),
+        conds_list=conds_list,
+        x=_rows(batch, 3),
+        sigma=torch.tensor([2.5, 0.7][:batch]),
+        step=step,
+        total_steps=10,
+        cfg_scale=7.5,
+        extra=extra,
+        space=space,
+        uncond_skipped=skipped,
+    )
 
 
 def test_plain_cfg_equals_hand_written_cfg_to_the_bit():
@@ -65,8 +74,9 @@ def test_and_prompts_are_weighted_like_the_host():
 @pytest.mark.parametrize("space", ["x0", "eps"])
 def test_acting_term_is_added_in_eps_space(space):
     term_a, term_b = ConstantTerm(2.0), ConstantTerm(0.5)
-    run = GuidanceRun(build_settings({"enable": True}), [ImageInfo("a"), ImageInfo("b AND c")],
-                      terms=[[term_a], [term_b]])
+    run = GuidanceRun(
+        build_settings({"enable": True}), [ImageInfo("a"), ImageInfo("b AND c")], terms=[[term_a], [term_b]]
+    )
     assert run.extra_rows == (ExtraRow(0, "test", "extra"), ExtraRow(1, "test", "extra"))
     inputs = _inputs(space=space, extra=_rows(2, 4))
     out = run.step(inputs)

@@ -3,9 +3,20 @@ import re
 import pytest
 
 from guidance import params
-from guidance.params import (BY_KEY, EDIT_FIELDS, PARAMS, Edit, InvalidSettings, build_settings,
-                             defaults, format_edits_text, infotext_fields, parse_edits_text,
-                             settings_from_args, values_from_infotext)
+from guidance.params import (
+    BY_KEY,
+    EDIT_FIELDS,
+    PARAMS,
+    Edit,
+    InvalidSettings,
+    build_settings,
+    defaults,
+    format_edits_text,
+    infotext_fields,
+    parse_edits_text,
+    settings_from_args,
+    values_from_infotext,
+)
 
 # A1111's infotext key pattern (infotext_utils.re_param): keys must survive a paste round trip.
 INFOTEXT_KEY = re.compile(r"^\w[\w \-/]*$")
@@ -58,8 +69,9 @@ def test_positional_and_named_args_agree():
     positional[BY_KEY["sega_enable"].position] = True
     positional[BY_KEY["sega_edits"].position] = "+ sunglasses : 6"
     from_positional = settings_from_args(positional)
-    from_named = settings_from_args([{"enable": True, "sega_enable": True,
-                                      "sega_edits": [{"prompt": "sunglasses", "scale": 6}]}])
+    from_named = settings_from_args(
+        [{"enable": True, "sega_enable": True, "sega_edits": [{"prompt": "sunglasses", "scale": 6}]}]
+    )
     assert from_positional == from_named
     assert from_named.sega_edits == (Edit("sunglasses", scale=6.0),)
     assert from_named.active_methods == ("sega",)
@@ -68,31 +80,35 @@ def test_positional_and_named_args_agree():
 
 
 def test_strings_from_infotext_and_xyz_are_coerced():
-    s = build_settings({"concept_window": "7.0", "concept_scale": "3", "enable": "True",
-                        "regulation_layers": "FIRST UP"})
+    s = build_settings(
+        {"concept_window": "7.0", "concept_scale": "3", "enable": "True", "regulation_layers": "FIRST UP"}
+    )
     assert s.concept_window == 7 and isinstance(s.concept_window, int)
     assert s.concept_scale == 3.0 and s.enable is True
     assert s.regulation_layers == "first up"
 
 
-@pytest.mark.parametrize("values, expected", [
-    ({"concept_scale": 99}, "Concept steering › Concept scale: 99 is above the maximum 30"),
-    ({"concept_window": 2.5}, "Concept steering › Window: expected a whole number, got 2.5"),
-    ({"scfg_rate_min": "abc"}, "S-CFG region scales › Minimum rate: expected a number, got 'abc'"),
-    ({"sega_momentum": float("nan")}, "SEGA edits › Momentum: expected a finite number"),
-    ({"enable": "maybe"}, "Semantic Fidelity › Enable Semantic Fidelity: expected true or false"),
-    ({"concept_scal": 3}, "unknown setting 'concept_scal' (did you mean 'concept_scale'?)"),
-    ({"sega_edits": [{"prompt": "  "}]}, "SEGA edits › Edits: edit 1: the prompt is empty"),
-    ({"sega_edits": [{"prompt": "hat", "colour": 1}]}, "edit 1: unknown field(s) colour"),
-    ({"sega_edits": "+ hat : 90"}, "edit 1 (hat): scale 90 is above the maximum 50"),
-    ({"sega_edits": "+ hat : 5 : 0.9 : 0.5 : 0.4"}, "edit 1 (hat): cool-down 0.4 must be later than warm-up 0.5"),
-    ({"concepts": "x" * 1000}, "Concept steering › Concepts: 1000 characters given, at most 400"),
-    ({"concepts": "a;b;c;d;e;f;g;h;i"}, "9 phrases given, at most 8"),
-    ({"regulation_layers": "middle"}, "'middle' is not one of: last down + first up"),
-    ({"scfg_rate_min": 4, "scfg_rate_max": 2}, "S-CFG: minimum rate must not exceed maximum rate"),
-    ({"scfg_mask_factor": 3}, "S-CFG: mask resolution factor R must be 1, 2, 4 or 8"),
-    ({"concept_warmup": 0.5, "concept_cooldown": 0.5}, "cool-down must be later than warm-up"),
-])
+@pytest.mark.parametrize(
+    "values, expected",
+    [
+        ({"concept_scale": 99}, "Concept steering › Concept scale: 99 is above the maximum 30"),
+        ({"concept_window": 2.5}, "Concept steering › Window: expected a whole number, got 2.5"),
+        ({"scfg_rate_min": "abc"}, "S-CFG region scales › Minimum rate: expected a number, got 'abc'"),
+        ({"sega_momentum": float("nan")}, "SEGA edits › Momentum: expected a finite number"),
+        ({"enable": "maybe"}, "Semantic Fidelity › Enable Semantic Fidelity: expected true or false"),
+        ({"concept_scal": 3}, "unknown setting 'concept_scal' (did you mean 'concept_scale'?)"),
+        ({"sega_edits": [{"prompt": "  "}]}, "SEGA edits › Edits: edit 1: the prompt is empty"),
+        ({"sega_edits": [{"prompt": "hat", "colour": 1}]}, "edit 1: unknown field(s) colour"),
+        ({"sega_edits": "+ hat : 90"}, "edit 1 (hat): scale 90 is above the maximum 50"),
+        ({"sega_edits": "+ hat : 5 : 0.9 : 0.5 : 0.4"}, "edit 1 (hat): cool-down 0.4 must be later than warm-up 0.5"),
+        ({"concepts": "x" * 1000}, "Concept steering › Concepts: 1000 characters given, at most 400"),
+        ({"concepts": "a;b;c;d;e;f;g;h;i"}, "9 phrases given, at most 8"),
+        ({"regulation_layers": "middle"}, "'middle' is not one of: last down + first up"),
+        ({"scfg_rate_min": 4, "scfg_rate_max": 2}, "S-CFG: minimum rate must not exceed maximum rate"),
+        ({"scfg_mask_factor": 3}, "S-CFG: mask resolution factor R must be 1, 2, 4 or 8"),
+        ({"concept_warmup": 0.5, "concept_cooldown": 0.5}, "cool-down must be later than warm-up"),
+    ],
+)
 def test_bad_values_give_one_clear_message(values, expected):
     with pytest.raises(InvalidSettings) as error:
         build_settings(values)
@@ -108,8 +124,9 @@ def test_every_problem_is_reported_at_once():
 
 
 def test_edit_text_form_round_trip():
-    edits = parse_edits_text("+ sunglasses : 5\n- blur : 4 : 0.95\n  a (smiling:1.2) face : 3 : 0.9 : 0.1 : 0.8 : 2 ;"
-                             " \u2212 text, watermark")
+    edits = parse_edits_text(
+        "+ sunglasses : 5\n- blur : 4 : 0.95\n  a (smiling:1.2) face : 3 : 0.9 : 0.1 : 0.8 : 2 ; \u2212 text, watermark"
+    )
     assert edits == (
         Edit("sunglasses", False, 5.0),
         Edit("blur", True, 4.0, 0.95),
@@ -117,8 +134,9 @@ def test_edit_text_form_round_trip():
         Edit("text, watermark", True),
     )
     text = format_edits_text(edits)
-    assert text == ("+ sunglasses : 5; - blur : 4 : 0.95; + a (smiling:1.2) face : 3 : 0.9 : 0.1 : 0.8 : 2; "
-                    "- text, watermark : 5")
+    assert text == (
+        "+ sunglasses : 5; - blur : 4 : 0.95; + a (smiling:1.2) face : 3 : 0.9 : 0.1 : 0.8 : 2; - text, watermark : 5"
+    )
     assert parse_edits_text(text) == edits
     # numbers alone never become the prompt
     assert parse_edits_text("+ 1990 : 5") == (Edit("1990", False, 5.0),)
@@ -126,9 +144,18 @@ def test_edit_text_form_round_trip():
 
 
 def test_infotext_round_trip_restores_every_control():
-    s = build_settings({"enable": True, "concepts_enable": True, "concepts": "a red book; a gold clock",
-                        "concept_scale": 6.5, "sega_enable": True, "sega_edits": "+ sunglasses : 6; - blur",
-                        "scfg_rate_max": 2.5, "apply_hires": False})
+    s = build_settings(
+        {
+            "enable": True,
+            "concepts_enable": True,
+            "concepts": "a red book; a gold clock",
+            "concept_scale": 6.5,
+            "sega_enable": True,
+            "sega_edits": "+ sunglasses : 6; - blur",
+            "scfg_rate_max": 2.5,
+            "apply_hires": False,
+        }
+    )
     fields = infotext_fields(s)
     assert fields == {
         "Semantic Fidelity": "True",

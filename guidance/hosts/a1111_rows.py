@@ -7,17 +7,25 @@ host does with "the last B rows" still finds uncond, and `conds_list` indices st
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
 from ..engine import StepInputs
 
 
-def step_inputs(x_out: torch.Tensor, x_in: torch.Tensor, sigma_in: torch.Tensor,
-                conds_list: Sequence[Sequence[tuple[int, float]]], extra_count: int, step: int,
-                total_steps: int, cfg_scale: float, space: str = "x0",
-                uncond_skipped: bool = False) -> StepInputs:
+def step_inputs(
+    x_out: torch.Tensor,
+    x_in: torch.Tensor,
+    sigma_in: torch.Tensor,
+    conds_list: Sequence[Sequence[tuple[int, float]]],
+    extra_count: int,
+    step: int,
+    total_steps: int,
+    cfg_scale: float,
+    space: str = "x0",
+    uncond_skipped: bool = False,
+) -> StepInputs:
     """Split one denoiser call's output rows into the engine's inputs.
 
     `x_in`/`sigma_in` are the rows the UNet was given (uncond rows possibly dropped on skipped
@@ -26,8 +34,7 @@ def step_inputs(x_out: torch.Tensor, x_in: torch.Tensor, sigma_in: torch.Tensor,
     batch_size = len(conds_list)
     n_cond = x_out.shape[0] - extra_count - batch_size
     if n_cond < batch_size:
-        raise ValueError(f"{x_out.shape[0]} output rows cannot hold {batch_size} images with "
-                         f"{extra_count} extra rows")
+        raise ValueError(f"{x_out.shape[0]} output rows cannot hold {batch_size} images with {extra_count} extra rows")
     first_rows = [conds[0][0] for conds in conds_list]
     return StepInputs(
         uncond=x_out[-batch_size:],
@@ -38,7 +45,7 @@ def step_inputs(x_out: torch.Tensor, x_in: torch.Tensor, sigma_in: torch.Tensor,
         step=step,
         total_steps=total_steps,
         cfg_scale=cfg_scale,
-        extra=x_out[n_cond:n_cond + extra_count] if extra_count else None,
+        extra=x_out[n_cond : n_cond + extra_count] if extra_count else None,
         space=space,
         uncond_skipped=uncond_skipped,
     )

@@ -12,8 +12,9 @@ denoiser's `step` by one, as in the real host.
 from __future__ import annotations
 
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -51,8 +52,9 @@ def _pick_schedule(schedules: list[ScheduledPromptConditioning], current_step: i
 def _stack_conds(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Equal token lengths by repeating each tensor's last vector (the host's stack_conds)."""
     token_count = max(t.shape[0] for t in tensors)
-    padded = [torch.cat([t, t[-1:].repeat(token_count - t.shape[0], 1)]) if t.shape[0] < token_count else t
-              for t in tensors]
+    padded = [
+        torch.cat([t, t[-1:].repeat(token_count - t.shape[0], 1)]) if t.shape[0] < token_count else t for t in tensors
+    ]
     return torch.stack(padded)
 
 
@@ -73,13 +75,15 @@ def reconstruct_multicond_batch(c: MulticondLearnedConditioning, current_step: i
 
 def multicond(prompts: list[list[tuple[torch.Tensor, float]]]) -> MulticondLearnedConditioning:
     """Per image a list of (cond (T, C), AND weight), each with a single schedule entry."""
-    batch = [[ComposableScheduledPromptConditioning([ScheduledPromptConditioning(10 ** 6, c)], w)
-              for c, w in image] for image in prompts]
+    batch = [
+        [ComposableScheduledPromptConditioning([ScheduledPromptConditioning(10**6, c)], w) for c, w in image]
+        for image in prompts
+    ]
     return MulticondLearnedConditioning((len(batch),), batch)
 
 
 def plain_conds(conds: torch.Tensor) -> list[list[ScheduledPromptConditioning]]:
-    return [[ScheduledPromptConditioning(10 ** 6, c)] for c in conds]
+    return [[ScheduledPromptConditioning(10**6, c)] for c in conds]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,8 +154,9 @@ class State:
 class CFGDenoiser:
     """`sd_samplers_cfg_denoiser.CFGDenoiser` for an ordinary (non-edit, non-inpaint) eps model."""
 
-    def __init__(self, inner_model: CompVisEpsDenoiser, callbacks: ScriptCallbacks, opts: Options,
-                 state: State, p: Any = None):
+    def __init__(
+        self, inner_model: CompVisEpsDenoiser, callbacks: ScriptCallbacks, opts: Options, state: State, p: Any = None
+    ):
         self.inner_model = inner_model
         self.callbacks = callbacks
         self.opts = opts
@@ -168,7 +173,7 @@ class CFGDenoiser:
         return self.inner_model(x, sigma, cond={"c_crossattn": [c_crossattn], "c_concat": [c_concat]})
 
     def combine_denoised(self, x_out, conds_list, uncond, cond_scale):
-        denoised_uncond = x_out[-uncond.shape[0]:]
+        denoised_uncond = x_out[-uncond.shape[0] :]
         denoised = torch.clone(denoised_uncond)
         for i, conds in enumerate(conds_list):
             for cond_index, weight in conds:
@@ -183,11 +188,11 @@ class CFGDenoiser:
 
         x_in = torch.cat([torch.stack([x[i]] * n) for i, n in enumerate(repeats)] + [x])
         sigma_in = torch.cat([torch.stack([sigma[i]] * n) for i, n in enumerate(repeats)] + [sigma])
-        image_cond_in = torch.cat([torch.stack([image_cond[i]] * n) for i, n in enumerate(repeats)]
-                                  + [image_cond])
+        image_cond_in = torch.cat([torch.stack([image_cond[i]] * n) for i, n in enumerate(repeats)] + [image_cond])
 
-        params = CFGDenoiserParams(x_in, image_cond_in, sigma_in, self.state.sampling_step,
-                                   self.state.sampling_steps, tensor, uncond, self)
+        params = CFGDenoiserParams(
+            x_in, image_cond_in, sigma_in, self.state.sampling_step, self.state.sampling_steps, tensor, uncond, self
+        )
         self.callbacks.call("cfg_denoiser", params)
         x_in, image_cond_in, sigma_in = params.x, params.image_cond, params.sigma
         tensor, uncond = params.text_cond, params.text_uncond
@@ -220,11 +225,13 @@ class CFGDenoiser:
             x_out[-count:] = self._model(x_in[-count:], sigma_in[-count:], uncond, image_cond_in[-count:])
 
         if skip_uncond:
-            fake_uncond = torch.cat([x_out[i:i + 1] for i in [conds[0][0] for conds in conds_list]])
+            fake_uncond = torch.cat([x_out[i : i + 1] for i in [conds[0][0] for conds in conds_list]])
             x_out = torch.cat([x_out, fake_uncond])
 
-        self.callbacks.call("cfg_denoised", CFGDenoisedParams(x_out, self.state.sampling_step,
-                                                              self.state.sampling_steps, self.inner_model))
+        self.callbacks.call(
+            "cfg_denoised",
+            CFGDenoisedParams(x_out, self.state.sampling_step, self.state.sampling_steps, self.inner_model),
+        )
         denoised = self.combine_denoised(x_out, conds_list, uncond, 1.0 if skip_uncond else cond_scale)
 
         after = AfterCFGCallbackParams(denoised, self.state.sampling_step, self.state.sampling_steps)
@@ -233,8 +240,15 @@ class CFGDenoiser:
         return after.x
 
 
-def sample_txt2img(denoiser: CFGDenoiser, noise: torch.Tensor, steps: int, cond: MulticondLearnedConditioning,
-                   uncond: list, cfg_scale: float, s_min_uncond: float = 0.0) -> torch.Tensor:
+def sample_txt2img(
+    denoiser: CFGDenoiser,
+    noise: torch.Tensor,
+    steps: int,
+    cond: MulticondLearnedConditioning,
+    uncond: list,
+    cfg_scale: float,
+    s_min_uncond: float = 0.0,
+) -> torch.Tensor:
     """What KDiffusionSampler.sample does for Euler: sigmas, launch_sampling bookkeeping, the loop."""
     sigmas = denoiser.inner_model.get_sigmas(steps)
     denoiser.step = 0
@@ -247,7 +261,6 @@ def sample_txt2img(denoiser: CFGDenoiser, noise: torch.Tensor, steps: int, cond:
     def advance(d):
         denoiser.state.sampling_step = d["i"]
 
-    extra_args = dict(cond=cond, uncond=uncond, cond_scale=cfg_scale, s_min_uncond=s_min_uncond,
-                      image_cond=image_cond)
+    extra_args = dict(cond=cond, uncond=uncond, cond_scale=cfg_scale, s_min_uncond=s_min_uncond, image_cond=image_cond)
     with torch.no_grad():
         return sample_euler(denoiser, noise * sigmas[0], sigmas, extra_args, callback=advance)

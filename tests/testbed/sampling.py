@@ -7,14 +7,14 @@ UNet and return the denoised estimate x0 = x − sigma·eps. `sample_euler` is t
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 
 def sd_alphas_cumprod(steps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
     """SD1.x's 'scaled linear' beta schedule."""
-    betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, steps, dtype=torch.float64) ** 2
+    betas = torch.linspace(beta_start**0.5, beta_end**0.5, steps, dtype=torch.float64) ** 2
     return torch.cumprod(1.0 - betas, dim=0)
 
 
@@ -53,15 +53,20 @@ class CompVisEpsDenoiser:
         return torch.cat([log_sigma.exp(), torch.zeros(1)])
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> torch.Tensor:
-        c_in = 1 / (sigma ** 2 + 1) ** 0.5
+        c_in = 1 / (sigma**2 + 1) ** 0.5
         scale = c_in.view(-1, *([1] * (x.dim() - 1)))
         context = torch.cat(cond["c_crossattn"], dim=1)
         eps = self.unet(x * scale, self.sigma_to_t(sigma), context=context)
         return x - eps * sigma.view(-1, *([1] * (x.dim() - 1)))
 
 
-def sample_euler(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict,
-                 callback: Callable[[dict], None] | None = None) -> torch.Tensor:
+def sample_euler(
+    model: Callable,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    extra_args: dict,
+    callback: Callable[[dict], None] | None = None,
+) -> torch.Tensor:
     """Euler steps: d = (x − x0)/sigma, x ← x + d·(sigma_next − sigma). The callback runs after
     each model call, as k-diffusion's does (it moves A1111's `state.sampling_step`)."""
     s_in = x.new_ones([x.shape[0]])
