@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .prompts import split_phrases
+
 INFOTEXT_PREFIX = "Semantic Fidelity"
 XYZ_PREFIX = "[Semantic Fidelity]"
 
@@ -75,15 +77,6 @@ class InvalidSettings(ValueError):
 
 # ---------------------------------------------------------------------------------------------
 # Phrase lists (concepts, regulation targets)
-
-
-def split_phrases(text: str) -> list[str]:
-    """Split a user phrase list on newlines, semicolons and commas; blanks are dropped."""
-    return [part.strip() for part in re.split(r"[\n;,]", text or "") if part.strip()]
-
-
-def format_phrases(phrases: Iterable[str]) -> str:
-    return "; ".join(phrases)
 
 
 def _check_phrase_list(text: str) -> str | None:
@@ -876,6 +869,11 @@ def _format_value(param: Param, value: Any) -> str:
     if param.kind in ("int", "float"):
         return format_number(value)
     return str(value)
+
+
+def ui_value(param: Param, value: Any) -> Any:
+    """A validated value in the form its UI component holds (edits as their text form)."""
+    return format_edits_text(value) if param.kind == "edits" else value
 
 
 def infotext_fields(settings: Settings) -> dict[str, str]:

@@ -1,0 +1,117 @@
+"""Semantic Fidelity: the WebUI script (AUTOMATIC1111 1.9-1.10 and Forge 2.x).
+
+Only the Script class lives here. The controls come from guidance/params.py; everything else is in
+the `guidance` package beside this folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import gradio as gr
+from modules import scripts
+
+EXTENSION_ROOT = Path(__file__).resolve().parent.parent
+_OWN_PACKAGE_ALIAS = "semantic_fidelity_guidance"
+
+
+def _load_guidance():
+    """This extension's `guidance` package. The WebUI puts the extension root on sys.path while
+    scripts load, but a PyPI package of the same name may already be imported; then ours is
+    loaded under another name (the package uses only relative imports, so that works)."""
+    try:
+        import guidance
+
+        if getattr(guidance, "EXTENSION_MARKER", None) == "semantic-fidelity":
+            return guidance
+    except ImportError:
+        pass
+    if _OWN_PACKAGE_ALIAS in sys.modules:
+        return sys.modules[_OWN_PACKAGE_ALIAS]
+    init = EXTENSION_ROOT / "guidance" / "__init__.py"
+    spec = importlib.util.spec_from_file_location(
+        _OWN_PACKAGE_ALIAS, init, submodule_search_locations=[str(init.parent)]
+    )
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[_OWN_PACKAGE_ALIAS] = package
+    spec.loader.exec_module(package)
+    return package
+
+
+_guidance = _load_guidance()
+params = importlib.import_module(f"{_guidance.__name__}.params")
+
+try:  # A1111 >= 1.7 and Forge: the accordion's header checkbox is the master switch
+    from modules.ui_components import InputAccordion
+except ImportError:  # pragma: no cover - older hosts
+    InputAccordion = None
+
+
+def _component(param, elem_id: str):
+    """One gradio component for one Param, its value in the component's own form."""
+    common = dict(label=param.label, elem_id=elem_id, elem_classes=["sf-control", f"sf-{param.section}"])
+    value = params.ui_value(param, param.default)
+    if param.kind == "bool":
+        return gr.Checkbox(value=value, **common)
+    if param.kind in ("int", "float"):
+        return gr.Slider(minimum=param.minimum, maximum=param.maximum, step=param.step, value=value, **common)
+    if param.kind == "choice":
+        return gr.Dropdown(choices=list(param.choices), value=value, **common)
+    if param.kind == "edits":
+        return gr.Textbox(value=value, lines=3, placeholder="+ sunglasses : 5\n- blurry : 4", **common)
+    return gr.Textbox(value=value, lines=1, placeholder="detected from the prompt", **common)
+
+
+class SemanticFidelityScript(scripts.Script):
+    def title(self):
+        return "Semantic Fidelity"
+
+    def show(self, is_img2img):
+        return scripts.AlwaysVisible
+
+    def ui(self, is_img2img):
+        components = {}
+        enable = params.BY_KEY["enable"]
+        if InputAccordion is not None:
+            accordion = InputAccordion(False, label=enable.label, elem_id=self.elem_id("enable"))
+            components["enable"] = accordion
+        else:
+            accordion = gr.Accordion(enable.label, open=False, elem_id=self.elem_id("accordion"))
+        with accordion:
+            if InputAccordion is None:
+                components["enable"] = _component(enable, self.elem_id("enable"))
+            for section, title in params.SECTIONS.items():
+                section_params = [p for p in params.PARAMS if p.section == section and p.key != "enable"]
+                with gr.Group(elem_classes=["sf-section"]):
+                    if section != "general":
+                        gr.HTML(f"<div class='sf-section-title'>{title}</div>")
+                    for param in section_params:
+                        components[param.key] = _component(param, self.elem_id(param.key))
+        ordered = [components[p.key] for p in params.PARAMS]
+        for param, component in zip(params.PARAMS, ordered, strict=True):
+            # the hosts put `webui_tooltip` into the component config and show it as the title
+            component.webui_tooltip = param.tooltip
+        self.infotext_fields = [(c, self._paste_reader(p)) for p, c in zip(params.PARAMS, ordered, strict=True)]
+        self.paste_field_names = [p.infotext_key for p in params.PARAMS]
+        return ordered
+
+    @staticmethod
+    def _paste_reader(param):
+        """Paste target: the control's value when the infotext has Semantic Fidelity keys
+        (missing keys mean default), otherwise leave the control as it is."""
+
+        def read(fields):
+            values = params.values_from_infotext(fields)
+            return params.ui_value(param, values[param.key]) if values else None
+
+        return read
+
+    def process(self, p, *args):
+        # The host adapters that act on sampling arrive with the A1111 and Forge integrations;
+        # until then the settings are validated so that bad input is reported, never raised.
+        try:
+            params.settings_from_args(args)
+        except params.InvalidSettings as error:
+            print(f"{error}. Generating without Semantic Fidelity.", file=sys.stderr)
