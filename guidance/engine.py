@@ -182,18 +182,17 @@ class GuidanceRun:
         if extra != len(self.extra_rows):
             raise GuidanceError(f"expected {len(self.extra_rows)} extra rows, got {extra}")
 
-    def _acting(self, inputs: StepInputs) -> bool:
-        if inputs.uncond_skipped:
-            return False  # no real uncond on this step: nothing to steer against
-        if self.region_scale is not None and self.region_scale.active(inputs.step, inputs.total_steps):
-            return True
-        return any(t.active(inputs.step, inputs.total_steps) for ts in self.terms for t in ts)
+    def _region_scale_active(self, inputs: StepInputs) -> bool:
+        return self.region_scale is not None and self.region_scale.active(inputs.step, inputs.total_steps)
 
     def step(self, inputs: StepInputs) -> torch.Tensor:
         """The guided prediction for every image, (B, C, H, W), in the host's space."""
         self._validate(inputs)
         self.steps_seen += 1
-        if not self._acting(inputs):
+        scale_regions = self._region_scale_active(inputs)
+        acting_terms = [[t for t in terms if t.active(inputs.step, inputs.total_steps)] for terms in self.terms]
+        # A skipped uncond (NGMS, skip early CFG) leaves nothing to steer against.
+        if inputs.uncond_skipped or not (scale_regions or any(acting_terms)):
             return combine_cfg(inputs.uncond, inputs.cond, inputs.conds_list, inputs.cfg_scale)
 
         space = PredictionSpace(inputs.space, inputs.x, inputs.sigma)
@@ -204,27 +203,25 @@ class GuidanceRun:
             direction = torch.zeros_like(eps_uncond)
             for row, weight in conds:
                 direction += (space.to_eps(inputs.cond[row], image) - eps_uncond) * weight
+            extra = {
+                source: torch.stack([space.to_eps(p, image) for p in preds])
+                for source, preds in extra_by_image[image].items()
+            }
             image_step = ImageStep(
-                image,
-                inputs.step,
-                inputs.total_steps,
-                inputs.cfg_scale,
-                eps_uncond,
-                direction,
-                {
-                    source: torch.stack([space.to_eps(p, image) for p in preds])
-                    for source, preds in extra_by_image[image].items()
-                },
+                image=image,
+                step=inputs.step,
+                total_steps=inputs.total_steps,
+                cfg_scale=inputs.cfg_scale,
+                eps_uncond=eps_uncond,
+                direction=direction,
+                extra=extra,
             )
-            scaled = direction
-            if self.region_scale is not None and self.region_scale.active(inputs.step, inputs.total_steps):
-                scaled = direction * self.region_scale.rate(image_step)
+            scaled = direction * self.region_scale.rate(image_step) if scale_regions else direction
             eps = eps_uncond + inputs.cfg_scale * scaled
-            for term in self.terms[image]:
-                if term.active(inputs.step, inputs.total_steps):
-                    added = term.term(image_step)
-                    if added is not None:
-                        eps = eps + added
+            for term in acting_terms[image]:
+                added = term.term(image_step)
+                if added is not None:
+                    eps = eps + added
             guided[image] = space.from_eps(eps, image)
         return guided
 
