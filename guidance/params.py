@@ -840,7 +840,8 @@ def build_settings(values: Mapping[str, Any]) -> Settings:
         try:
             result[param.key] = coerce(param, raw)
         except ValueError as error:
-            problems.append(f"{SECTIONS[param.section]} › {param.label}: {error}")
+            where = param.label if param.section == "general" else f"{SECTIONS[param.section]} › {param.label}"
+            problems.append(f"{where}: {error}")
     if not problems:
         for keys, holds, message in _RELATIONS:
             if not holds(*(result[k] for k in keys)):
@@ -851,8 +852,10 @@ def build_settings(values: Mapping[str, Any]) -> Settings:
 
 
 def settings_from_args(args: Sequence[Any]) -> Settings:
-    """The script's arguments: positional in `PARAMS` order, or a single dict with named keys."""
-    if len(args) == 1 and isinstance(args[0], Mapping):
+    """The script's arguments: positional in `PARAMS` order, or a dict of named keys in the first
+    position. The WebUI's API fills every position it was not given with the UI default, so the
+    dict form arrives followed by defaults, which are ignored."""
+    if args and isinstance(args[0], Mapping):
         return build_settings(args[0])
     if len(args) > len(PARAMS):
         raise InvalidSettings([f"{len(args)} arguments given, at most {len(PARAMS)} are expected"])

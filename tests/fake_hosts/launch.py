@@ -37,5 +37,5 @@ def run_pip(command, desc=None, live=False):
 def run(command, desc=None, errdesc=None, custom_env=None, live=False):
     _log({"call": "run", "command": command})
     if any(word in command for word in _SCENARIO.get("fail", [])):
-        raise RuntimeError(f"{errdesc or 'Error running command'}.\nCommand: {command}")
+        raise RuntimeError(f"{errdesc or 'Error running command'}.\nCommand: {command}\nError code: 1")
     return ""
