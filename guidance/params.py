@@ -90,22 +90,6 @@ def _check_phrase_list(text: str) -> str | None:
 # SEGA edits
 
 
-@dataclass(frozen=True)
-class Edit:
-    """One SEGA edit. Warm-up and cool-down are fractions of the sampling run."""
-
-    prompt: str
-    reverse: bool = False
-    scale: float = 5.0
-    threshold: float = 0.9
-    warmup: float = 0.2
-    cooldown: float = 1.0
-    weight: float = 1.0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in EDIT_KEYS}
-
-
 def _edit_field(key, label, kind, default, minimum, maximum, step, tooltip) -> Param:
     return Param(key, label, kind, default, "sega", tooltip, f"edit {key}", minimum, maximum, step)
 
@@ -156,6 +140,26 @@ EDIT_FIELDS: tuple[Param, ...] = (
     _edit_field("weight", "Weight", "float", 1.0, 0.0, 10.0, 0.05, "Relative weight of this edit among the edits."),
 )
 EDIT_KEYS = ("prompt", "reverse") + tuple(f.key for f in EDIT_FIELDS)
+_EDIT_DEFAULTS = {spec.key: spec.default for spec in EDIT_FIELDS}
+
+
+@dataclass(frozen=True)
+class Edit:
+    """One SEGA edit. Warm-up and cool-down are fractions of the sampling run; the defaults are
+    those of EDIT_FIELDS."""
+
+    prompt: str
+    reverse: bool = False
+    scale: float = _EDIT_DEFAULTS["scale"]
+    threshold: float = _EDIT_DEFAULTS["threshold"]
+    warmup: float = _EDIT_DEFAULTS["warmup"]
+    cooldown: float = _EDIT_DEFAULTS["cooldown"]
+    weight: float = _EDIT_DEFAULTS["weight"]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in EDIT_KEYS}
+
+
 _EDIT_NUMBER = re.compile(r"^\s*[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?\s*$")
 
 
