@@ -1,0 +1,61 @@
+"""What both host adapters share: the per-generation state kept on the processing object, one-time
+reports (console and infotext) and the images of the current batch."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+from ..engine import ImageInfo
+from ..params import INFOTEXT_PREFIX, Settings
+
+STATE_ATTRIBUTE = "semantic_fidelity_state"
+NOTE_KEY = f"{INFOTEXT_PREFIX} note"
+
+
+@dataclass
+class GenerationState:
+    """Lives on `p` for one generation (all batches and passes), so nothing global is kept."""
+
+    settings: Settings | None
+    reported: list[str] = field(default_factory=list)
+    failed: bool = False  # an error inside a hook: host CFG for the rest of this generation
+
+
+def attach_state(p, settings: Settings | None) -> GenerationState:
+    state = GenerationState(settings)
+    setattr(p, STATE_ATTRIBUTE, state)
+    return state
+
+
+def state_of(p) -> GenerationState | None:
+    return getattr(p, STATE_ATTRIBUTE, None)
+
+
+def report(p, message: str) -> None:
+    """Print `message` once per generation and put it in the images' infotext."""
+    state = state_of(p)
+    if state is not None:
+        if message in state.reported:
+            return
+        state.reported.append(message)
+    print(f"Semantic Fidelity: {message}", file=sys.stderr)
+    extra = getattr(p, "extra_generation_params", None)
+    if extra is not None:
+        notes = state.reported if state is not None else [message]
+        extra[NOTE_KEY] = " | ".join(notes)
+
+
+def batch_images(p, prompts=None, seeds=None) -> list[ImageInfo]:
+    """The images of the batch being sampled: `p.prompts`/`p.seeds` are the current batch's (the
+    hires pass samples the same images; `p.hr_prompts` holds its prompts)."""
+    prompts = list(prompts if prompts is not None else getattr(p, "prompts", None) or [p.prompt])
+    seeds = list(seeds if seeds is not None else getattr(p, "seeds", None) or [getattr(p, "seed", 0)])
+    if len(seeds) < len(prompts):
+        seeds += [seeds[-1]] * (len(prompts) - len(seeds))
+    return [ImageInfo(prompt=str(prompt), seed=int(seed)) for prompt, seed in zip(prompts, seeds, strict=False)]
+
+
+def pass_is_wanted(p, settings: Settings) -> bool:
+    """The hires pass runs the methods only when 'Apply in the hires-fix pass' is on."""
+    return settings.apply_hires or not getattr(p, "is_hr_pass", False)
