@@ -80,7 +80,9 @@ def plan_run(
 
     attention_methods = wants & {"scfg", "regulation"}
     if attention_methods and not attention_available:
-        notes.append("S-CFG and attention regulation need the UNet's cross-attention, which this model does not expose.")
+        notes.append(
+            "S-CFG and attention regulation need the UNet's cross-attention, which this model does not expose."
+        )
         attention_methods = set()
     region_scales = regulator = None
     if "scfg" in attention_methods:

@@ -42,6 +42,13 @@ def _load_guidance():
 
 _guidance = _load_guidance()
 params = importlib.import_module(f"{_guidance.__name__}.params")
+_hosts = importlib.import_module(f"{_guidance.__name__}.hosts")
+_common = importlib.import_module(f"{_guidance.__name__}.hosts.common")
+
+# The one registry the host requires: this host's adapter, chosen when the script module loads.
+HOST = _hosts.detect_host()
+ADAPTER = _hosts.make_adapter(HOST)
+ADAPTER.register_callbacks()
 
 try:  # A1111 >= 1.7 and Forge: the accordion's header checkbox is the master switch
     from modules.ui_components import InputAccordion
@@ -109,9 +116,47 @@ class SemanticFidelityScript(scripts.Script):
         return read
 
     def process(self, p, *args):
-        # The host adapters that act on sampling arrive with the A1111 and Forge integrations;
-        # until then the settings are validated so that bad input is reported, never raised.
+        """Validate the settings once per generation; bad input is reported, never raised."""
         try:
-            params.settings_from_args(args)
+            settings = params.settings_from_args(args)
         except params.InvalidSettings as error:
-            print(f"{error}. Generating without Semantic Fidelity.", file=sys.stderr)
+            _common.attach_state(p, None)
+            if _switched_on(args):
+                _common.report(p, f"{error}. Generating without Semantic Fidelity.")
+            return
+        acting = settings.enable and bool(settings.active_methods)
+        _common.attach_state(p, settings if acting else None)
+        if acting:
+            p.extra_generation_params.update(params.infotext_fields(settings))
+
+    def process_before_every_sampling(self, p, *args, **kwargs):
+        state = _common.state_of(p)
+        if state is None or state.settings is None or state.failed:
+            return
+        try:
+            ADAPTER.prepare(p, state)
+        except Exception as error:  # never break generation: host CFG for this image
+            _fail(p, state, error)
+
+    def postprocess_batch(self, p, *args, **kwargs):
+        # each batch gets a fresh run in prepare(); nothing of this batch may reach the next
+        ADAPTER.finish(p)
+
+    def postprocess(self, p, processed, *args):
+        ADAPTER.finish(p)
+
+
+def _switched_on(args) -> bool:
+    """Whether the request meant to use the extension (then bad input deserves a message)."""
+    if not args:
+        return False
+    first = args[0]
+    if isinstance(first, dict):
+        return bool(first.get("enable", True))
+    return bool(first)
+
+
+def _fail(p, state, error: Exception) -> None:
+    ADAPTER.finish(p)
+    state.failed = True
+    _common.report(p, f"{type(error).__name__}: {error}. This image uses the host's plain CFG.")

@@ -20,6 +20,7 @@ class GenerationState:
     settings: Settings | None
     reported: list[str] = field(default_factory=list)
     failed: bool = False  # an error inside a hook: host CFG for the rest of this generation
+    active: object | None = None  # the host adapter's patches for the sampler run in progress
 
 
 def attach_state(p, settings: Settings | None) -> GenerationState:

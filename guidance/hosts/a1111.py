@@ -1,0 +1,248 @@
+"""The AUTOMATIC1111 adapter (1.9-1.10): extra rows through `on_cfg_denoiser`, CFG through an
+instance override of `combine_denoised`, attention through instance forwards on the routed layers.
+Contract: ../shared/hosts/a1111.md §2-§4 and §10.
+
+Per sampler run (`prepare`, from `process_before_every_sampling`) the adapter plans the run, encodes
+the extra prompts with the processing object's own cached encoder and patches the run's denoiser.
+The global callbacks act only for the denoiser a run was prepared for. Any exception inside a hook
+falls back to the host's own CFG for the image and removes every patch (`finish`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..engine import GuidanceError
+from ..planning import PlannedRun, plan_run
+from ..prompts import phrase_columns
+from .a1111_attention import UNetRouting
+from .a1111_conds import append_rows, conds_for_step, encode_extra_prompts
+from .a1111_rows import step_inputs
+from .common import batch_images, pass_is_wanted, report, state_of
+
+
+@dataclass
+class ActiveRun:
+    """One sampler run's patches and per-call bookkeeping."""
+
+    p: object
+    denoiser: object
+    planned: PlannedRun
+    space: str
+    schedules: list = field(default_factory=list)  # per extra row (same order as run.extra_rows)
+    routing: UNetRouting | None = None
+    # set by on_cfg_denoiser for the denoiser call in flight
+    x_in: torch.Tensor | None = None
+    sigma_in: torch.Tensor | None = None
+    n_cond: int = 0
+    first_cond_rows: tuple[int, ...] = ()
+    next_row: int = 0  # first row of the next UNet call
+
+    @property
+    def extra_count(self) -> int:
+        return len(self.planned.run.extra_rows)
+
+
+def decline_reason(p) -> str | None:
+    """Models and set-ups the methods cannot act on; the image is generated normally."""
+    model = p.sd_model
+    if getattr(model, "cond_stage_key", None) == "edit":
+        return "InstructPix2Pix models are not supported (their three-part batch has no room for extra rows)."
+    if getattr(model, "is_sd3", False):
+        return "SD3 has no classic cross-attention UNet; Semantic Fidelity is off for this image."
+    try:
+        from modules import sd_unet
+
+        if sd_unet.current_unet is not None:
+            return "an alternative UNet (e.g. TensorRT) is active; Semantic Fidelity is off for this image."
+    except ImportError:  # pragma: no cover - very old hosts
+        pass
+    return None
+
+
+def _prediction_space(denoiser) -> str:
+    """k-diffusion samplers give x0 with sigma; DDIM/PLMS/UniPC give eps with a timestep."""
+    names = {cls.__name__ for cls in type(denoiser).__mro__}
+    return "eps" if "CFGDenoiserTimesteps" in names else "x0"
+
+
+def _column_finder(model):
+    """phrase → context columns through the host's text-encoder wrapper (a1111.md §6.6)."""
+    embedder = getattr(model, "cond_stage_model", None)
+    wrapper = embedder
+    if hasattr(embedder, "embedders"):  # SDXL: the first embedder with a tokenizer
+        wrapper = next((e for e in embedder.embedders if hasattr(e, "tokenize_line")), None)
+    if wrapper is None or not hasattr(wrapper, "tokenize_line"):
+        return None
+
+    def chunks(text: str) -> list[list[int]]:
+        return [list(chunk.tokens) for chunk in wrapper.tokenize_line(text)[0]]
+
+    def words(text: str) -> list[int]:
+        return list(wrapper.tokenize([text])[0])
+
+    return lambda prompt, phrases: phrase_columns(prompt, phrases, chunks, words)
+
+
+class A1111Adapter:
+    host = "a1111"
+
+    def __init__(self):
+        self._cond_cache = [None, None]  # the processing object's cache protocol: [params, conds]
+
+    # -- registration (script import) ----------------------------------------------------------
+    def register_callbacks(self) -> None:
+        from modules import script_callbacks
+
+        script_callbacks.on_cfg_denoiser(self._on_cfg_denoiser)
+        script_callbacks.on_list_optimizers(self._on_list_optimizers)
+
+    @staticmethod
+    def _on_list_optimizers(optimizers: list) -> None:
+        from .a1111_attention import make_optimization
+
+        optimizers.append(make_optimization())
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def prepare(self, p, state) -> None:
+        self.finish(p)  # the hires pass and every new batch get a fresh run
+        settings = state.settings
+        if not pass_is_wanted(p, settings):
+            return
+        reason = decline_reason(p)
+        if reason is not None:
+            report(p, reason)
+            return
+        prompts = getattr(p, "hr_prompts", None) if getattr(p, "is_hr_pass", False) else None
+        images = batch_images(p, prompts=prompts)
+        planned = plan_run(settings, images, find_columns=_column_finder(p.sd_model))
+        for note in planned.notes:
+            report(p, note)
+        if not planned.acting:
+            return
+        denoiser = p.sampler.model_wrap_cfg
+        active = ActiveRun(p=p, denoiser=denoiser, planned=planned, space=_prediction_space(denoiser))
+        if planned.run.extra_rows:
+            active.schedules = encode_extra_prompts(p, [row.text for row in planned.run.extra_rows], self._cond_cache)
+        state.active = active
+        denoiser.combine_denoised = self._combine_for(active)
+        # the UNet wrapper counts each call's rows (skipped uncond shows as a short batch) and tells
+        # the attention router, when there is one, which rows a call holds
+        active.routing = UNetRouting(planned.router, p.sd_model.model.diffusion_model, self._rows_for(active))
+
+    def finish(self, p) -> None:
+        state = state_of(p)
+        active = getattr(state, "active", None) if state is not None else None
+        if active is None:
+            return
+        state.active = None
+        active.denoiser.__dict__.pop("combine_denoised", None)
+        active.routing.remove()
+
+    def _fail(self, active: ActiveRun, error: Exception) -> None:
+        state = state_of(active.p)
+        if state is not None:
+            state.failed = True
+        self.finish(active.p)
+        report(active.p, f"{type(error).__name__}: {error}. This image uses the host's plain CFG.")
+
+    # -- sampling hooks ----------------------------------------------------------------------
+    @staticmethod
+    def _active_for(denoiser) -> ActiveRun | None:
+        state = state_of(getattr(denoiser, "p", None))
+        active = getattr(state, "active", None) if state is not None else None
+        return active if active is not None and active.denoiser is denoiser else None
+
+    def _on_cfg_denoiser(self, params) -> None:
+        active = self._active_for(params.denoiser)
+        if active is None:
+            return
+        try:
+            self._add_extra_rows(active, params)
+        except Exception as error:  # the host swallows callback errors: fall back explicitly
+            self._fail(active, error)
+
+    def _add_extra_rows(self, active: ActiveRun, params) -> None:
+        denoiser = params.denoiser
+        batch = params.text_uncond.shape[0]
+        n_cond = params.text_cond.shape[0]
+        cond = denoiser.sampler.sampler_extra_args["cond"]
+        repeats = [len(sub_prompts) for sub_prompts in cond.batch]
+        if len(repeats) != batch or sum(repeats) != n_cond:
+            raise GuidanceError(f"unexpected batch layout: {n_cond} cond rows for {batch} images")
+        x, sigma, image_cond = params.x, params.sigma, params.image_cond
+        text_cond = params.text_cond
+        extra_rows = active.planned.run.extra_rows
+        if extra_rows:
+            # each extra row copies its image's uncond-block row (the image's own latent)
+            sources = torch.tensor([n_cond + row.image for row in extra_rows], device=x.device)
+            extra = conds_for_step(active.schedules, range(len(extra_rows)), denoiser.step)
+            empty = getattr(denoiser.p.sd_model, "cond_stage_model_empty_prompt", None)
+            text_cond = append_rows(text_cond, extra, empty)
+            x = torch.cat([x[:n_cond], x[sources], x[n_cond:]])
+            sigma = torch.cat([sigma[:n_cond], sigma[sources], sigma[n_cond:]])
+            image_cond = torch.cat([image_cond[:n_cond], image_cond[sources], image_cond[n_cond:]])
+        # every shape is checked above; only now is the batch changed, all at once (pitfall 8)
+        params.x, params.sigma, params.image_cond, params.text_cond = x, sigma, image_cond, text_cond
+        active.x_in, active.sigma_in = x, sigma
+        active.n_cond = n_cond
+        active.first_cond_rows = tuple(sum(repeats[:i]) for i in range(batch))
+        active.next_row = 0
+
+    def _rows_for(self, active: ActiveRun):
+        from ..attention_routing import CallRows
+
+        def rows_for_call(x: torch.Tensor):
+            start = active.next_row
+            count = x.shape[0]
+            active.next_row += count
+            if active.planned.router is None:
+                return None
+            batch = len(active.first_cond_rows)
+            uncond_start = active.n_cond + active.extra_count
+
+            def local(row: int) -> int | None:
+                return row - start if start <= row < start + count else None
+
+            return CallRows(
+                step=active.denoiser.step,
+                total_steps=max(active.denoiser.total_steps, 1),
+                latent_size=tuple(x.shape[-2:]),
+                uncond=tuple(local(uncond_start + i) for i in range(batch)),
+                cond=tuple(local(row) for row in active.first_cond_rows),
+            )
+
+        return rows_for_call
+
+    def _combine_for(self, active: ActiveRun):
+        denoiser = active.denoiser
+        host_combine = type(denoiser).combine_denoised
+
+        def combine_denoised(x_out, conds_list, uncond, cond_scale):
+            try:
+                if active.x_in is None:
+                    raise GuidanceError("the denoiser ran without the extra rows callback")
+                # the host drops the uncond rows before the UNet on skipped steps (NGMS, skip early
+                # CFG) and appends copies of the first cond rows afterwards
+                skipped = active.next_row == active.n_cond + active.extra_count
+                inputs = step_inputs(
+                    x_out,
+                    active.x_in,
+                    active.sigma_in,
+                    conds_list,
+                    active.extra_count,
+                    step=denoiser.step,
+                    total_steps=max(denoiser.total_steps, 1),
+                    cfg_scale=cond_scale,
+                    space=active.space,
+                    uncond_skipped=skipped,
+                )
+                active.x_in = active.sigma_in = None
+                return active.planned.run.step(inputs)
+            except Exception as error:
+                self._fail(active, error)
+                return host_combine(denoiser, x_out, conds_list, uncond, cond_scale)
+
+        return combine_denoised
