@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import gradio as gr
-from modules import scripts
+from modules import script_callbacks, scripts
 
 EXTENSION_ROOT = Path(__file__).resolve().parent.parent
 _OWN_PACKAGE_ALIAS = "semantic_fidelity_guidance"
@@ -44,11 +44,17 @@ _guidance = _load_guidance()
 params = importlib.import_module(f"{_guidance.__name__}.params")
 _hosts = importlib.import_module(f"{_guidance.__name__}.hosts")
 _common = importlib.import_module(f"{_guidance.__name__}.hosts.common")
+_xyz = importlib.import_module(f"{_guidance.__name__}.hosts.webui_xyz")
+_api = importlib.import_module(f"{_guidance.__name__}.hosts.webui_api")
 
 # The one registry the host requires: this host's adapter, chosen when the script module loads.
 HOST = _hosts.detect_host()
 ADAPTER = _hosts.make_adapter(HOST)
 ADAPTER.register_callbacks()
+script_callbacks.on_app_started(_api.add_routes)
+# at import for --nowebui (the API builds its UI before on_before_ui), and again before the UI
+_xyz.register_axes()
+script_callbacks.on_before_ui(_xyz.register_axes)
 
 try:  # A1111 >= 1.7 and Forge: the accordion's header checkbox is the master switch
     from modules.ui_components import InputAccordion
@@ -117,11 +123,17 @@ class SemanticFidelityScript(scripts.Script):
 
     def process(self, p, *args):
         """Validate the settings once per generation; bad input is reported, never raised."""
+        # XYZ cells share one extra_generation_params dict: no key of an earlier cell may stay
+        for key in [k for k in p.extra_generation_params if k.startswith(params.INFOTEXT_PREFIX)]:
+            del p.extra_generation_params[key]
         try:
             settings = params.settings_from_args(args)
+            overrides = _xyz.overrides_of(p)
+            if overrides:
+                settings = settings.replace(**overrides)
         except params.InvalidSettings as error:
             _common.attach_state(p, None)
-            if _switched_on(args):
+            if _switched_on(p, args):
                 _common.report(p, f"{error}. Generating without Semantic Fidelity.")
             return
         acting = settings.enable and bool(settings.active_methods)
@@ -146,8 +158,10 @@ class SemanticFidelityScript(scripts.Script):
         ADAPTER.finish(p)
 
 
-def _switched_on(args) -> bool:
+def _switched_on(p, args) -> bool:
     """Whether the request meant to use the extension (then bad input deserves a message)."""
+    if _xyz.overrides_of(p).get("enable"):
+        return True
     if not args:
         return False
     first = args[0]
