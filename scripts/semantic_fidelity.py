@@ -10,7 +10,6 @@ import importlib.util
 import sys
 from pathlib import Path
 
-import gradio as gr
 from modules import script_callbacks, scripts
 
 EXTENSION_ROOT = Path(__file__).resolve().parent.parent
@@ -56,14 +55,11 @@ script_callbacks.on_app_started(_api.add_routes)
 _xyz.register_axes()
 script_callbacks.on_before_ui(_xyz.register_axes)
 
-try:  # A1111 >= 1.7 and Forge: the accordion's header checkbox is the master switch
-    from modules.ui_components import InputAccordion
-except ImportError:  # pragma: no cover - older hosts
-    InputAccordion = None
-
 
 def _component(param, elem_id: str):
     """One gradio component for one Param, its value in the component's own form."""
+    import gradio as gr
+
     common = dict(label=param.label, elem_id=elem_id, elem_classes=["sf-control", f"sf-{param.section}"])
     value = params.ui_value(param, param.default)
     if param.kind == "bool":
@@ -85,6 +81,13 @@ class SemanticFidelityScript(scripts.Script):
         return scripts.AlwaysVisible
 
     def ui(self, is_img2img):
+        # gradio is imported only to build the UI, so the sampling hooks load without it
+        import gradio as gr
+
+        try:  # A1111 >= 1.7 and Forge: the accordion's header checkbox is the master switch
+            from modules.ui_components import InputAccordion
+        except ImportError:  # pragma: no cover - older hosts
+            InputAccordion = None
         components = {}
         enable = params.BY_KEY["enable"]
         if InputAccordion is not None:

@@ -16,7 +16,6 @@ import torch
 
 from ..engine import GuidanceError
 from ..planning import PlannedRun, plan_run
-from ..prompts import phrase_columns
 from .a1111_attention import UNetRouting
 from .a1111_conds import append_rows, conds_for_step, encode_extra_prompts
 from .a1111_rows import step_inputs
@@ -76,6 +75,8 @@ def _column_finder(model):
         wrapper = next((e for e in embedder.embedders if hasattr(e, "tokenize_line")), None)
     if wrapper is None or not hasattr(wrapper, "tokenize_line"):
         return None
+
+    from ..prompts import phrase_columns
 
     def chunks(text: str) -> list[list[int]]:
         return [list(chunk.tokens) for chunk in wrapper.tokenize_line(text)[0]]
