@@ -44,3 +44,55 @@ def cross_attention_forward(
     context = x if context is None else context
     q, k, v = module.to_q(x), module.to_k(context), module.to_v(context)
     return module.to_out(attention(q, k, v, module.heads))
+
+
+def select_rows(tensor: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """`tensor[rows]` without building an index tensor on the device (that would be a host-to-device
+    copy and a synchronisation per call): a view for a contiguous ascending run, else a cat of views."""
+    if not rows:
+        return tensor[:0]
+    first = rows[0]
+    if rows == list(range(first, first + len(rows))):
+        return tensor[first : first + len(rows)]
+    return torch.cat([tensor[r : r + 1] for r in rows])
+
+
+def attention_scores(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
+    """Pre-softmax scores q·kᵀ/√d per head in float32: (B, N, h·d), (B, M, h·d) → (B, h, N, M)."""
+    q, k = split_heads(q, heads).float(), split_heads(k, heads).float()
+    return torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+
+
+def head_averaged_probabilities(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
+    """softmax(q·kᵀ/√d) averaged over the heads, float32 (B, N, M). Per-head maps are transient."""
+    return attention_scores(q, k, heads).softmax(dim=-1).mean(dim=1)
+
+
+def attention_from_probabilities(probs: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """probs (B, h, N, M) float32 times v (B, M, h·d) → (B, N, h·d) in `dtype`."""
+    heads = probs.shape[1]
+    out = torch.matmul(probs, split_heads(v, heads).to(probs.dtype))
+    return merge_heads(out).to(dtype)
+
+
+def attention_with_bias(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, bias: torch.Tensor, upcast: bool = False
+) -> torch.Tensor:
+    """Softmax(q·kᵀ/√d + bias)·v via SDPA with a float mask; `bias` broadcastable to (B, h, N, M),
+    added after the 1/√d scaling."""
+    dtype = q.dtype
+    q, k, v = (split_heads(t, heads) for t in (q, k, v))
+    if upcast:
+        q, k, v = q.float(), k.float(), v.float()
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=0.0, is_causal=False)
+    return merge_heads(out).to(dtype)
+
+
+def attention_capture(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, rows: list[int], upcast: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fast-path output of every row (numerically the stock forward) plus the head-averaged
+    float32 probabilities (len(rows), N, M) of the chosen rows."""
+    out = attention(q, k, v, heads, upcast)
+    probs = head_averaged_probabilities(select_rows(q, rows), select_rows(k, rows), heads)
+    return out, probs

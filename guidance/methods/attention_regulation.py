@@ -1,0 +1,367 @@
+"""Attention regulation (arXiv 2403.06381; authors' code YaNgZhAnG-V5/attention_regulation),
+METHODS.md §4.
+
+On a selected cross-attention layer, for the first cond row of every image with target columns,
+a pre-softmax bias on the target columns is optimised so that every target gets enough attention:
+Gaussian bumps on the map grid weighted by θ (one weight per head, bump and target), 20 plain
+gradient steps from a random start (step size scaled by the rows, as the authors do), the best
+iterate kept, blended with this layer's previous-step bias, scaled by decay^step; the edited scores
+are cast to float16 and the start-of-text and end-of-text probabilities are restored to their
+unedited values (the authors' quirk: rows then no longer sum to 1).
+
+The gradient is analytic (no autograd, so it runs under `torch.inference_mode()`): only the target
+columns change, so the softmax needs only the log-sum-exp of the other columns, computed once. The
+loss is per image (each image is optimised as the authors optimise a batch of one), images with the
+same number of targets are batched, and the keep-best selection is done with `torch.where` so the
+per-step path never synchronises with the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..attention import attention, attention_scores, merge_heads, select_rows, split_heads
+from ..engine import schedule_index
+
+QUANTILE = 0.9
+QUANTILE_TARGET = 0.9
+SHARE_WEIGHT = 80.0
+THETA_WEIGHT = 0.09
+
+
+def bump_sigma(map_size: tuple[int, int]) -> int:
+    """σ = side // 16 (the authors' rule), at least 1 for maps narrower than 16."""
+    return max(1, min(map_size) // 16)
+
+
+def bump_basis(map_size: tuple[int, int], device=None) -> torch.Tensor:
+    """Gaussian bumps (K, h·w) float32: centres at 2σ, 4σ, … < side on each axis; k = a·r_y + b
+    with a the column (x) centre (outer loop) and b the row (y) centre (inner loop);
+    exp(−((x − x0)² + (y − y0)²)/(2σ²)), unnormalised."""
+    h, w = map_size
+    sigma = bump_sigma(map_size)
+    ys = torch.arange(h, dtype=torch.float32).view(-1, 1)
+    xs = torch.arange(w, dtype=torch.float32).view(1, -1)
+    bumps = [
+        torch.exp(-((xs - x0) ** 2 + (ys - y0) ** 2) / (2 * sigma**2))
+        for x0 in range(2 * sigma, w, 2 * sigma)
+        for y0 in range(2 * sigma, h, 2 * sigma)
+    ]
+    if not bumps:
+        return torch.zeros(0, h * w, device=device)
+    return torch.stack(bumps).reshape(len(bumps), h * w).to(device)
+
+
+def target_columns(scores: torch.Tensor, targets: Sequence[int]) -> torch.Tensor:
+    """scores[..., targets] without a device index tensor."""
+    return torch.stack([scores[..., t] for t in targets], dim=-1)
+
+
+def other_logsumexp(scores: torch.Tensor, targets: Sequence[int]) -> torch.Tensor:
+    """log Σ exp over the columns that are not targets: (..., M) → (..., 1)."""
+    masked = scores.clone()
+    for t in targets:
+        masked[..., t] = float("-inf")
+    return masked.logsumexp(dim=-1, keepdim=True)
+
+
+@dataclass
+class OptimiseResult:
+    best_bias: torch.Tensor  # (rows, N, n_t): Σ_k G_k θ of the best iterate
+    best_loss: torch.Tensor  # (images,)
+    initial_bias: torch.Tensor  # (rows, N, n_t): Σ_k G_k θ0
+    losses: list | None = None  # per iteration (images,) tensors, when recorded
+    weights: list | None = None  # per iteration θ (rows, K, n_t), when recorded
+
+
+def optimise_bias(
+    target_scores: torch.Tensor,
+    lse_other: torch.Tensor,
+    basis: torch.Tensor,
+    theta: torch.Tensor,
+    heads: int,
+    iterations: int = 20,
+    step_size: float = 100.0,
+    record: bool = False,
+) -> OptimiseResult:
+    """Gradient descent on θ (rows, K, n_t), rows = images·heads (image-major).
+
+    target_scores (rows, N, n_t) and lse_other (rows, N, 1) are float32; basis (K, N).
+    Loss per image, with A = softmax(S0 + B)[targets] over the image's heads:
+    mean (q0.9(A) − 0.9)² + 80·mean (Σ_N A/N − min(1, 0.2·n_t)/n_t)² + 0.09·mean θ²;
+    θ ← θ − heads·step_size·∇θ; the best (strictly lowest) evaluated iterate is kept."""
+    rows, positions, n_targets = target_scores.shape
+    images = rows // heads
+    share = min(1.0, 0.2 * n_targets) / n_targets
+    rank = QUANTILE * (positions - 1)
+    below = int(rank)
+    above = min(below + 1, positions - 1)
+    frac = rank - below
+    per_image = heads * n_targets
+    theta_count = heads * basis.shape[0] * n_targets
+    best_loss = torch.full((images,), float("inf"), device=theta.device)
+    best_theta = theta
+    losses, weights = ([], []) if record else (None, None)
+    frac_t = torch.tensor(frac, dtype=torch.float32)
+    for iteration in range(iterations):
+        bias = torch.einsum("rkt,kn->rnt", theta, basis)
+        shifted = target_scores + bias
+        log_z = torch.logaddexp(lse_other, shifted.logsumexp(dim=-1, keepdim=True))
+        probs = torch.exp(shifted - log_z)  # (rows, N, n_t)
+        ordered, order = probs.sort(dim=1)
+        quantile = torch.lerp(ordered[:, below], ordered[:, above], frac_t.to(probs.device))  # (rows, n_t)
+        mean = (probs / positions).sum(dim=1)  # (rows, n_t)
+        q_err = quantile - QUANTILE_TARGET
+        m_err = mean - share
+        theta_sq = theta.pow(2).reshape(images, -1)
+        loss = (
+            q_err.pow(2).reshape(images, -1).mean(1)
+            + SHARE_WEIGHT * m_err.pow(2).reshape(images, -1).mean(1)
+            + THETA_WEIGHT * theta_sq.mean(1)
+        )
+        if record:
+            losses.append(loss)
+            weights.append(theta)
+        better = loss < best_loss
+        best_loss = torch.where(better, loss, best_loss)
+        best_theta = torch.where(better.repeat_interleave(heads).view(-1, 1, 1), theta, best_theta)
+        if iteration == iterations - 1:
+            break  # the authors' last update is never evaluated
+        grad_probs = torch.zeros_like(probs)
+        g_q = 2 * q_err / per_image  # (rows, n_t)
+        grad_probs.scatter_add_(1, order[:, below : below + 1], (g_q * (1 - frac)).unsqueeze(1))
+        grad_probs.scatter_add_(1, order[:, above : above + 1], (g_q * frac).unsqueeze(1))
+        grad_probs = grad_probs + (SHARE_WEIGHT * 2 * m_err / (per_image * positions)).unsqueeze(1)
+        grad_scores = probs * (grad_probs - (grad_probs * probs).sum(dim=-1, keepdim=True))
+        grad_theta = torch.einsum("kn,rnt->rkt", basis, grad_scores) + THETA_WEIGHT * 2 * theta / theta_count
+        theta = theta - (heads * step_size) * grad_theta
+    return OptimiseResult(
+        best_bias=torch.einsum("rkt,kn->rnt", best_theta, basis),
+        best_loss=best_loss,
+        initial_bias=None,
+        losses=losses,
+        weights=weights,
+    )
+
+
+def edited_probabilities(
+    scores: torch.Tensor,
+    targets: Sequence[int],
+    bias: torch.Tensor,
+    restore: Sequence[int],
+) -> torch.Tensor:
+    """scores (rows, N, M) float32 plus `bias` (rows, N, n_t) on the target columns, cast to
+    float16 (authors' quirk), softmax over M; the `restore` columns take the unedited softmax."""
+    edited = scores.clone()
+    for i, t in enumerate(targets):
+        edited[..., t] += bias[..., i]
+    probs = edited.to(torch.float16).float().softmax(dim=-1)
+    if restore:
+        plain = scores.softmax(dim=-1)
+        for c in restore:
+            probs[..., c] = plain[..., c]
+    return probs
+
+
+@dataclass
+class _LayerState:
+    step: int
+    best: torch.Tensor  # (heads, N, n_t) raw best bias of that step
+    previous: torch.Tensor  # the blend partner used at that step
+
+
+class AttentionRegulator:
+    """Per-run state of attention regulation: targets, seeds, schedule and per-layer biases."""
+
+    def __init__(
+        self,
+        targets: Sequence[Sequence[int]],
+        seeds: Sequence[int],
+        end: float = 0.5,
+        iterations: int = 20,
+        step_size: float = 100.0,
+        previous_weight: float = 0.25,
+        decay: float = 0.99,
+        layers: str = "last down + first up",
+        eos_columns: Sequence[int | Sequence[int] | None] | None = None,
+    ):
+        self.targets = [list(dict.fromkeys(int(t) for t in image_targets)) for image_targets in targets]
+        self.seeds = [int(s) for s in seeds]
+        if len(self.seeds) != len(self.targets):
+            raise ValueError(f"{len(self.seeds)} seeds for {len(self.targets)} images")
+        self.end = end
+        self.iterations = int(iterations)
+        self.step_size = float(step_size)
+        self.previous_weight = float(previous_weight)
+        self.decay = float(decay)
+        self.layers = layers
+        restore = []
+        for image in range(len(self.targets)):
+            eos = None if eos_columns is None else eos_columns[image]
+            eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+            restore.append([c for c in dict.fromkeys([0, *eos]) if c not in self.targets[image]])
+        self.restore = restore
+        self.initial_weights: dict | None = None  # {(layer key, image): θ0 (heads, K, n_t)}, for tests
+        self.record: dict | None = None  # set to {} to keep each call's intermediates
+        self._generators: dict[tuple[int, torch.device], torch.Generator] = {}
+        self._state: dict[tuple, _LayerState] = {}
+        self._bases: dict[tuple, torch.Tensor] = {}
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings,
+        targets: Sequence[Sequence[int]],
+        seeds: Sequence[int],
+        eos_columns: Sequence[int | Sequence[int] | None] | None = None,
+    ) -> AttentionRegulator:
+        return cls(
+            targets,
+            seeds,
+            end=float(settings.regulation_end),
+            iterations=int(settings.regulation_iterations),
+            step_size=float(settings.regulation_step_size),
+            previous_weight=float(settings.regulation_previous_weight),
+            decay=float(settings.regulation_decay),
+            layers=str(settings.regulation_layers),
+            eos_columns=eos_columns,
+        )
+
+    def active(self, step: int, total_steps: int) -> bool:
+        return any(self.targets) and step < schedule_index(self.end, total_steps)
+
+    def _generator(self, image: int, device: torch.device) -> torch.Generator:
+        key = (image, device)
+        generator = self._generators.get(key)
+        if generator is None:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(self.seeds[image])
+            self._generators[key] = generator
+        return generator
+
+    def _basis(self, map_size: tuple[int, int], device) -> torch.Tensor:
+        key = (tuple(map_size), device)
+        basis = self._bases.get(key)
+        if basis is None:
+            basis = self._bases[key] = bump_basis(map_size, device)
+        return basis
+
+    def _initial_theta(self, layer, image: int, shape: tuple, device) -> torch.Tensor:
+        given = None if self.initial_weights is None else self.initial_weights.get((layer, image))
+        if given is not None:
+            return given.to(device=device, dtype=torch.float32)
+        return torch.rand(shape, generator=self._generator(image, torch.device(device)), device=device)
+
+    def regulate(
+        self,
+        layer,
+        scores: torch.Tensor,
+        images: Sequence[int],
+        heads: int,
+        map_size: tuple[int, int],
+        step: int,
+    ) -> torch.Tensor:
+        """Edited probabilities for the cond rows of `images`: scores (len(images)·heads, N, M)
+        float32, image-major. Images without targets get the plain softmax."""
+        basis = self._basis(map_size, scores.device)
+        probs = scores.softmax(dim=-1)
+        if basis.shape[0] == 0:
+            return probs
+        positions = scores.shape[1]
+        groups: dict[int, list[int]] = {}
+        for slot, image in enumerate(images):
+            if self.targets[image]:
+                groups.setdefault(len(self.targets[image]), []).append(slot)
+        decay = self.decay**step
+        pieces: dict[int, torch.Tensor] = {}
+        for n_targets, slots in groups.items():
+            group_scores = torch.cat([scores[s * heads : (s + 1) * heads] for s in slots])
+            target_scores = torch.cat(
+                [target_columns(scores[s * heads : (s + 1) * heads], self.targets[images[s]]) for s in slots]
+            )
+            lse = torch.cat(
+                [other_logsumexp(scores[s * heads : (s + 1) * heads], self.targets[images[s]]) for s in slots]
+            )
+            theta = torch.cat(
+                [
+                    self._initial_theta(layer, images[s], (heads, basis.shape[0], n_targets), scores.device)
+                    for s in slots
+                ]
+            )
+            result = optimise_bias(
+                target_scores,
+                lse,
+                basis,
+                theta,
+                heads,
+                self.iterations,
+                self.step_size,
+                record=self.record is not None,
+            )
+            initial = torch.einsum("rkt,kn->rnt", theta, basis)
+            for j, s in enumerate(slots):
+                image = images[s]
+                best = result.best_bias[j * heads : (j + 1) * heads]
+                state = self._state.get((layer, image))
+                if state is not None and state.step == step and state.best.shape == best.shape:
+                    previous = state.previous
+                elif state is not None and state.step < step and state.best.shape == best.shape:
+                    previous = state.best
+                else:
+                    previous = initial[j * heads : (j + 1) * heads]
+                self._state[(layer, image)] = _LayerState(step, best, previous)
+                blended = self.previous_weight * previous + (1 - self.previous_weight) * best
+                edited = edited_probabilities(
+                    group_scores[j * heads : (j + 1) * heads], self.targets[image], decay * blended, self.restore[image]
+                )
+                pieces[s] = edited
+                if self.record is not None:
+                    self.record[(layer, image)] = {
+                        "loss_per_iter": torch.stack([loss[j] for loss in result.losses]),
+                        "weights_per_iter": torch.stack([w[j * heads : (j + 1) * heads] for w in result.weights]),
+                        "best_loss": result.best_loss[j],
+                        "best_additive_raw": best,
+                        "ma_attn_used": previous,
+                        "best_additive_blended": blended,
+                        "edited_probs": edited,
+                    }
+        del positions
+        if not pieces:
+            return probs
+        return torch.cat([pieces.get(s, probs[s * heads : (s + 1) * heads]) for s in range(len(images))])
+
+    def forward(
+        self,
+        layer,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        heads: int,
+        cond_rows: Sequence[tuple[int, int]],
+        map_size: tuple[int, int],
+        step: int,
+        upcast: bool = False,
+        out: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The layer's output with the cond rows `cond_rows` ((row, image) pairs) regulated; other
+        rows take the fast path (or `out`, when given). Also returns the head-averaged probabilities
+        of the regulated rows (len(cond_rows), N, M), or None when no row was regulated."""
+        if out is None:
+            out = attention(q, k, v, heads, upcast)
+        rows = [row for row, image in cond_rows if self.targets[image]]
+        images = [image for row, image in cond_rows if self.targets[image]]
+        if not rows:
+            return out, None
+        scores = attention_scores(select_rows(q, rows), select_rows(k, rows), heads)
+        n, h, positions, columns = scores.shape
+        probs = self.regulate(layer, scores.reshape(n * h, positions, columns), images, heads, map_size, step)
+        probs = probs.reshape(n, h, positions, columns)
+        values = split_heads(select_rows(v, rows), heads).float()
+        edited = merge_heads(torch.matmul(probs, values)).to(out.dtype)
+        out = out.clone()
+        for j, row in enumerate(rows):
+            out[row] = edited[j]
+        return out, probs.mean(dim=1)

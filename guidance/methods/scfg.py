@@ -1,0 +1,294 @@
+"""S-CFG region scales (arXiv 2404.05384; authors' code SmilesDZgk/S-CFG), METHODS.md §3.
+
+Per step, the attention router hands this object the head-averaged float32 probabilities of every
+transformer block whose downsampling factor r is in {R, 2R, …} (r ≤ 8): first the block's
+self-attention SA (rows, h·w, h·w), then its cross-attention CA (rows, h·w, T). Per block the
+smoothed token maps are (SA + 3·SA²)/4 · CA (the authors' power-series quirk), computed as
+(SA·CA + 3·SA·(SA·CA))/4 so that no h·w × h·w product is formed; SA is dropped as soon as the
+block's CA is seen. The cond rows give the 77 token maps, the uncond rows only the foreground pair
+[token 0, Σ other tokens] (the maps are linear in CA, so the pair is propagated instead of all
+token maps). Maps are upsampled to the R grid, smoothed, normalised and summed per image; `rate`
+turns them into the per-position CFG factor and drops them.
+
+Everything stays on the device; nothing in the per-step path reads a tensor value on the host.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..engine import ImageStep, schedule_index
+
+UNCOND, COND = "uncond", "cond"
+MAX_FACTOR = 8
+EPS = 1e-8
+
+
+def gaussian_kernel(kernel_size: int = 3, sigma: float = 0.5) -> torch.Tensor:
+    """The authors' smoothing kernel (their `GaussianSmoothing`), float32 (k, k): per axis
+    exp(−((x − mean)/(2σ))²) — 2σ inside the square, so the effective σ is σ·√2 — times the
+    normalising constant, multiplied over both axes, then divided by its sum."""
+    grids = torch.meshgrid(*[torch.arange(kernel_size, dtype=torch.float32)] * 2, indexing="ij")
+    kernel = torch.ones((), dtype=torch.float32)
+    mean = (kernel_size - 1) / 2
+    for grid in grids:
+        kernel = kernel * (1 / (sigma * math.sqrt(2 * math.pi)) * torch.exp(-(((grid - mean) / (2 * sigma)) ** 2)))
+    return kernel / kernel.sum()
+
+
+_KERNELS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def smooth(maps: torch.Tensor) -> torch.Tensor:
+    """3×3 smoothing of every channel of (n, C, h, w), reflect padding (replicate where a side is
+    too short to reflect)."""
+    key = (maps.device, maps.dtype)
+    kernel = _KERNELS.get(key)
+    if kernel is None:
+        kernel = _KERNELS[key] = gaussian_kernel().to(device=maps.device, dtype=maps.dtype)[None, None]
+    n, channels, h, w = maps.shape
+    flat = maps.reshape(n * channels, 1, h, w)
+    mode = "reflect" if h > 1 and w > 1 else "replicate"
+    return F.conv2d(F.pad(flat, (1, 1, 1, 1), mode=mode), kernel).reshape(n, channels, h, w)
+
+
+def propagate(self_attention: torch.Tensor, cross_attention: torch.Tensor) -> torch.Tensor:
+    """(SA + 3·SA·SA)/4 · CA as (SA·CA + 3·SA·(SA·CA))/4: (n, N, N), (n, N, T) → (n, N, T)."""
+    first = torch.bmm(self_attention, cross_attention)
+    return (first + 3 * torch.bmm(self_attention, first)) / 4
+
+
+def foreground_pair(cross_attention: torch.Tensor) -> torch.Tensor:
+    """[token 0, Σ tokens 1..] columns of (n, N, T) → (n, N, 2)."""
+    return torch.stack([cross_attention[..., 0], cross_attention[..., 1:].sum(-1)], dim=-1)
+
+
+def to_grid(maps: torch.Tensor, map_size: tuple[int, int], grid_size: tuple[int, int]) -> torch.Tensor:
+    """(n, h·w, C) → (n, C, h, w), upsampled bilinearly (align_corners=False) to `grid_size`."""
+    h, w = map_size
+    grid = maps.transpose(1, 2).reshape(maps.shape[0], maps.shape[2], h, w)
+    if (h, w) != tuple(grid_size):
+        grid = F.interpolate(grid, size=tuple(grid_size), mode="bilinear", align_corners=False)
+    return grid
+
+
+def region_rate(
+    token_maps: torch.Tensor,
+    fore_maps: torch.Tensor,
+    direction: torch.Tensor,
+    cfg_scale: float,
+    rate_min: float = 0.8,
+    rate_max: float = 3.0,
+    rate_cap: float = 15.0,
+) -> dict[str, torch.Tensor]:
+    """One image's rate map from its layer-averaged normalised maps.
+
+    token_maps (T, hm, wm): cond token maps; fore_maps (2, hm, wm): uncond [token 0, rest];
+    direction (C, H, W): εp − ε∅. Returns every intermediate; `rate` is (1, H, W) float32."""
+    height, width = direction.shape[-2:]
+    ca_mask = (token_maps == token_maps.amax(0, keepdim=True)).float()
+    fore_mask = 1.0 - (fore_maps == fore_maps.amax(0, keepdim=True)).float()[:1]
+    mask_t = F.interpolate(ca_mask[None], size=(height, width), mode="nearest")[0]
+    mask_f = F.interpolate(fore_mask[None], size=(height, width), mode="nearest")[0]
+    norm = direction.float().norm(dim=0, keepdim=True)  # (1, H, W)
+    area = mask_t.sum((1, 2))
+    region_mean = (norm * mask_t).sum((1, 2)) / (area + EPS)
+    fore_mean = (norm * mask_f).sum((1, 2)) / (mask_f.sum((1, 2)) + EPS)
+    rate_per_token = fore_mean * (area > 0).float() / (region_mean + EPS)
+    painted = torch.einsum("t,thw->hw", rate_per_token, mask_t)[None]
+    clamped = painted.clamp(min=rate_min, max=rate_max).clamp_max(rate_cap / cfg_scale)
+    rate = smooth(clamped[None])[0]
+    return {
+        "ca_normalized": token_maps,
+        "fore_normalized_uncond": fore_maps,
+        "ca_mask": ca_mask,
+        "fore_mask": fore_mask,
+        "region_mean_delta_norm": region_mean,
+        "foreground_mean_delta_norm": fore_mean,
+        "rate_per_token": rate_per_token,
+        "rate_clamped_before_smoothing": clamped,
+        "rate": rate,
+    }
+
+
+@dataclass
+class _Pending:
+    """Propagated maps of one block of one UNet call, not yet smoothed."""
+
+    call: int
+    half: str
+    factor: int
+    maps: torch.Tensor  # (n, C, hm, wm) on the R grid
+    images: list[int]
+
+
+@dataclass
+class _Accumulator:
+    total: torch.Tensor | None = None
+    count: int = 0
+    pending: list = field(default_factory=list)
+
+
+class RegionScales:
+    """S-CFG as a `RegionScale` of the engine and the capture sink of the attention router."""
+
+    def __init__(
+        self,
+        batch_size: int,
+        mask_factor: int = 4,
+        rate_min: float = 0.8,
+        rate_max: float = 3.0,
+        rate_cap: float = 15.0,
+        start: float = 0.0,
+        end: float = 1.0,
+        keep_intermediates: bool = False,
+    ):
+        if mask_factor < 1 or mask_factor & (mask_factor - 1) or mask_factor > MAX_FACTOR:
+            raise ValueError(f"mask factor R must be 1, 2, 4 or 8, not {mask_factor}")
+        self.batch_size = batch_size
+        self.mask_factor = mask_factor
+        self.rate_min, self.rate_max, self.rate_cap = rate_min, rate_max, rate_cap
+        self.start, self.end = start, end
+        self.factors = tuple(2**e * mask_factor for e in range(4) if 2**e * mask_factor <= MAX_FACTOR)
+        self.keep_intermediates = keep_intermediates
+        self.intermediates: dict[int, dict[str, torch.Tensor]] = {}
+        self._call = 0
+        self._step: int | None = None
+        self._latent_size: tuple[int, int] | None = None
+        self._owner: dict[tuple[int, str], int] = {}
+        self._acc: dict[tuple[int, str], _Accumulator] = {}
+        self._pending: list[_Pending] = []
+        self._self_attention: dict[tuple, tuple[torch.Tensor, tuple]] = {}
+
+    @classmethod
+    def from_settings(cls, settings, batch_size: int) -> RegionScales:
+        return cls(
+            batch_size,
+            mask_factor=int(settings.scfg_mask_factor),
+            rate_min=float(settings.scfg_rate_min),
+            rate_max=float(settings.scfg_rate_max),
+            rate_cap=float(settings.scfg_rate_cap),
+            start=float(settings.scfg_start),
+            end=float(settings.scfg_end),
+        )
+
+    # -- schedule ---------------------------------------------------------------------------------
+    def active(self, step: int, total_steps: int) -> bool:
+        return schedule_index(self.start, total_steps) <= step < schedule_index(self.end, total_steps)
+
+    def wants(self, factor: int) -> bool:
+        """Whether blocks at downsampling factor r = H_latent/h are captured."""
+        return factor in self.factors
+
+    # -- capture sink -----------------------------------------------------------------------------
+    def begin_call(self, rows) -> None:
+        """Before each UNet call (`CallRows`): a new step drops everything of earlier steps; the
+        halves this call holds replace whatever the images had for them."""
+        self._call += 1
+        if rows.step != self._step or tuple(rows.latent_size) != self._latent_size:
+            self._step = rows.step
+            self._latent_size = tuple(rows.latent_size)
+            self._acc.clear()
+            self._owner.clear()
+            self._pending.clear()
+        self._self_attention.clear()
+        for half, per_image in ((UNCOND, rows.uncond), (COND, rows.cond)):
+            for image, row in enumerate(per_image):
+                if row is not None:
+                    self._owner[(image, half)] = self._call
+                    self._acc.pop((image, half), None)
+
+    def grid_size(self) -> tuple[int, int]:
+        """The R grid: the latent side after log2(R) ceil-halvings."""
+        h, w = self._latent_size
+        factor = 1
+        while factor < self.mask_factor:
+            h, w, factor = -(-h // 2), -(-w // 2), factor * 2
+        return h, w
+
+    def record(
+        self,
+        key,
+        probs: torch.Tensor,
+        map_size: tuple[int, int],
+        factor: int,
+        rows: Sequence[tuple[int, str]],
+    ) -> None:
+        """Head-averaged float32 probabilities (n, h·w, M) of one attention layer; `rows[j]` is
+        (image, "uncond" | "cond") of probs[j]. Self-attention must come before the cross-attention
+        of the same transformer block."""
+        block = (key.section, key.block, key.transformer)
+        rows = tuple(rows)
+        if key.kind == "self":
+            self._self_attention[block] = (probs, rows)
+            return
+        paired = self._self_attention.pop(block, None)
+        if paired is None or paired[1] != rows:
+            return
+        self_attention = paired[0]
+        grid = self.grid_size()
+        for half in (UNCOND, COND):
+            picked = [j for j, (_, h) in enumerate(rows) if h == half]
+            if not picked:
+                continue
+            sa = _take(self_attention, picked)
+            ca = _take(probs, picked)
+            if half == UNCOND:
+                ca = foreground_pair(ca)
+            maps = to_grid(propagate(sa, ca), map_size, grid)
+            self._pending.append(_Pending(self._call, half, factor, maps, [rows[j][0] for j in picked]))
+
+    def _finalize(self) -> None:
+        groups: dict[tuple, list[_Pending]] = {}
+        for entry in self._pending:
+            groups.setdefault((entry.half, entry.factor, entry.maps.shape[1:]), []).append(entry)
+        self._pending = []
+        for (half, _, _), entries in groups.items():
+            maps = smooth(torch.cat([e.maps for e in entries]))
+            if half == COND:
+                normalized = maps / (maps.mean(dim=(2, 3), keepdim=True) + EPS)
+            else:
+                normalized = maps / maps.mean(dim=(2, 3), keepdim=True)
+            j = 0
+            for entry in entries:
+                for image in entry.images:
+                    if self._owner.get((image, half)) == entry.call:
+                        acc = self._acc.setdefault((image, half), _Accumulator())
+                        acc.total = normalized[j] if acc.total is None else acc.total + normalized[j]
+                        acc.count += 1
+                    j += 1
+
+    # -- RegionScale ------------------------------------------------------------------------------
+    def rate(self, image_step: ImageStep) -> torch.Tensor:
+        """The rate map (1, H, W) of one image, from this step's captures (which are dropped).
+        Without captures of both halves the rate is 1 (plain CFG)."""
+        if self._pending:
+            self._finalize()
+        cond = self._acc.pop((image_step.image, COND), None)
+        uncond = self._acc.pop((image_step.image, UNCOND), None)
+        direction = image_step.direction
+        if cond is None or uncond is None or self._step != image_step.step:
+            return torch.ones((1, 1, 1), dtype=direction.dtype, device=direction.device)
+        result = region_rate(
+            cond.total / cond.count,
+            uncond.total / uncond.count,
+            direction,
+            image_step.cfg_scale,
+            self.rate_min,
+            self.rate_max,
+            self.rate_cap,
+        )
+        if self.keep_intermediates:
+            self.intermediates[image_step.image] = result
+        return result["rate"].to(direction.dtype)
+
+
+def _take(tensor: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    if rows == list(range(rows[0], rows[0] + len(rows))):
+        return tensor[rows[0] : rows[0] + len(rows)]
+    return torch.cat([tensor[r : r + 1] for r in rows])
