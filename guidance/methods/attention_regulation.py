@@ -72,7 +72,6 @@ def other_logsumexp(scores: torch.Tensor, targets: Sequence[int]) -> torch.Tenso
 class OptimiseResult:
     best_bias: torch.Tensor  # (rows, N, n_t): Σ_k G_k θ of the best iterate
     best_loss: torch.Tensor  # (images,)
-    initial_bias: torch.Tensor  # (rows, N, n_t): Σ_k G_k θ0
     losses: list | None = None  # per iteration (images,) tensors, when recorded
     weights: list | None = None  # per iteration θ (rows, K, n_t), when recorded
 
@@ -141,24 +140,24 @@ def optimise_bias(
     return OptimiseResult(
         best_bias=torch.einsum("rkt,kn->rnt", best_theta, basis),
         best_loss=best_loss,
-        initial_bias=None,
         losses=losses,
         weights=weights,
     )
 
 
-def edited_probabilities(
-    scores: torch.Tensor,
-    targets: Sequence[int],
-    bias: torch.Tensor,
-    restore: Sequence[int],
-) -> torch.Tensor:
+def edited_scores(scores: torch.Tensor, targets: Sequence[int], bias: torch.Tensor) -> torch.Tensor:
     """scores (rows, N, M) float32 plus `bias` (rows, N, n_t) on the target columns, cast to
-    float16 (authors' quirk), softmax over M; the `restore` columns take the unedited softmax."""
+    float16 as the authors write them back."""
     edited = scores.clone()
     for i, t in enumerate(targets):
         edited[..., t] += bias[..., i]
-    probs = edited.to(torch.float16).float().softmax(dim=-1)
+    return edited.to(torch.float16)
+
+
+def edited_probabilities(edited: torch.Tensor, scores: torch.Tensor, restore: Sequence[int]) -> torch.Tensor:
+    """softmax over M of the edited float16 scores; the `restore` columns (start and end of text)
+    take the unedited softmax of `scores` (the authors' quirk)."""
+    probs = edited.float().softmax(dim=-1)
     if restore:
         plain = scores.softmax(dim=-1)
         for c in restore:
@@ -255,6 +254,10 @@ class AttentionRegulator:
             return given.to(device=device, dtype=torch.float32)
         return torch.rand(shape, generator=self._generator(image, torch.device(device)), device=device)
 
+    def remember(self, layer, image: int, step: int, best: torch.Tensor) -> None:
+        """Sets a layer's raw best bias (heads, N, n_t) of an earlier step (restoring state)."""
+        self._state[(layer, image)] = _LayerState(step, best, best)
+
     def regulate(
         self,
         layer,
@@ -270,7 +273,6 @@ class AttentionRegulator:
         probs = scores.softmax(dim=-1)
         if basis.shape[0] == 0:
             return probs
-        positions = scores.shape[1]
         groups: dict[int, list[int]] = {}
         for slot, image in enumerate(images):
             if self.targets[image]:
@@ -314,10 +316,9 @@ class AttentionRegulator:
                     previous = initial[j * heads : (j + 1) * heads]
                 self._state[(layer, image)] = _LayerState(step, best, previous)
                 blended = self.previous_weight * previous + (1 - self.previous_weight) * best
-                edited = edited_probabilities(
-                    group_scores[j * heads : (j + 1) * heads], self.targets[image], decay * blended, self.restore[image]
-                )
-                pieces[s] = edited
+                plain = group_scores[j * heads : (j + 1) * heads]
+                edited = edited_scores(plain, self.targets[image], decay * blended)
+                pieces[s] = edited_probabilities(edited, plain, self.restore[image])
                 if self.record is not None:
                     self.record[(layer, image)] = {
                         "loss_per_iter": torch.stack([loss[j] for loss in result.losses]),
@@ -326,9 +327,9 @@ class AttentionRegulator:
                         "best_additive_raw": best,
                         "ma_attn_used": previous,
                         "best_additive_blended": blended,
-                        "edited_probs": edited,
+                        "edited_scores": edited,
+                        "probs": pieces[s],
                     }
-        del positions
         if not pieces:
             return probs
         return torch.cat([pieces.get(s, probs[s * heads : (s + 1) * heads]) for s in range(len(images))])
