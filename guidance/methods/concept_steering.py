@@ -1,0 +1,225 @@
+"""Concept steering (ConceptDiffusion, arXiv 2312.15964), as the authors' code behaves
+(shared/reference/README.md §4, METHODS.md §1).
+
+Per step and image, with P = εp − ε∅ the prompt score and S_k = ε_k − ε∅ for each subject concept:
+subjects s_k = tail(S_k); abstract a = tail(P) with each s_k's component removed one after another;
+similarity |cos(P, c)| kept as history; subject guidance g_k = s_k + m·v_k, v_k ← β·v_k + (1 − β)·g_k
+(every step); abstract guidance a − P. A concept's g is added when warmup < step < cooldown and
+the mean similarity over the previous `window` steps (not the current one) is below its threshold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..engine import GuidanceError, ImageStep, schedule_index
+from ..params import Settings
+from .sparsify import FiniteCheck, compute_dtype, quantile_tail
+
+
+@dataclass(frozen=True)
+class ConceptSchedule:
+    """The parameters of one run, with warm-up and cool-down as step indices (both strict)."""
+
+    percentile: float = 0.9
+    subject_threshold: float = 0.5
+    abstract_threshold: float = 0.5
+    momentum_scale: float = 0.5
+    momentum_beta: float = 0.5
+    warmup: int = 5
+    cooldown: int = 50
+    window: int = 5
+    abstract: bool = True  # steer the abstract concept too
+
+    def in_window(self, step: int) -> bool:
+        return self.warmup < step < self.cooldown
+
+
+@dataclass
+class ConceptStepResult:
+    scores: torch.Tensor  # (n, C, H, W): sparsified subjects, then the abstract score when on
+    similarity: torch.Tensor  # (n,) |cos(P, score)|
+    momentum: torch.Tensor  # (n, C, H, W) after this step (the abstract row is never used)
+    gate: torch.Tensor  # (n,) 1.0 where the concept's guidance was added
+    guidance: torch.Tensor | None  # Σ gated g, before the concept scale; None outside the window
+
+
+def _flat_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (x * y).flatten(start_dim=-3).sum(-1)
+
+
+def concept_scores(
+    prompt_score: torch.Tensor, subject_scores: torch.Tensor, percentile: float, abstract: bool
+) -> torch.Tensor:
+    """(K [+1], C, H, W): the subjects' quantile tails, then the abstract score: P's tail with each
+    subject's component removed in turn (a sequential, not a joint, projection)."""
+    subjects = quantile_tail(subject_scores, percentile)
+    if not abstract:
+        return subjects
+    residual = quantile_tail(prompt_score, percentile)
+    for subject in subjects:
+        norm2 = _flat_dot(subject, subject)
+        # an all-zero subject has no direction to remove (the authors' code would divide 0/0)
+        coefficient = torch.where(norm2 > 0, _flat_dot(residual, subject) / norm2.clamp_min(1e-30), 0.0)
+        residual = residual - coefficient * subject
+    return torch.cat([subjects, residual[None]])
+
+
+def abs_cosine(reference: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """|cos(reference, score)| over all C·H·W elements, for each score; 0 for a zero vector."""
+    norms = reference.flatten().norm() * scores.flatten(start_dim=1).norm(dim=1)
+    return _flat_dot(reference, scores).abs() / norms.clamp_min(1e-30)
+
+
+def windowed_mean(history: Mapping[int, torch.Tensor], step: int, window: int) -> torch.Tensor | None:
+    """Mean similarity over the recorded steps in [step − window, step); None when there is none."""
+    recent = [history[s] for s in range(max(0, step - window), step) if s in history]
+    return torch.stack(recent).mean(0) if recent else None
+
+
+def concept_step(
+    prompt_score: torch.Tensor,
+    subject_scores: torch.Tensor,
+    schedule: ConceptSchedule,
+    step: int,
+    momentum: torch.Tensor | None,
+    history: Mapping[int, torch.Tensor],
+) -> ConceptStepResult:
+    """One step for one image. prompt_score P (C, H, W), subject_scores S (K, C, H, W); `history`
+    maps earlier steps to their similarities (this step's is not added here). No GPU sync: the gate
+    is a tensor multiplied in."""
+    dtype = compute_dtype(prompt_score)
+    prompt_score, subject_scores = prompt_score.to(dtype), subject_scores.to(dtype)
+    scores = concept_scores(prompt_score, subject_scores, schedule.percentile, schedule.abstract)
+    similarity = abs_cosine(prompt_score, scores)
+    subjects = subject_scores.shape[0]
+    if momentum is None:
+        momentum = torch.zeros_like(scores)
+    guidance_terms = scores + schedule.momentum_scale * momentum
+    if schedule.abstract:  # the abstract term carries no momentum and points from P to a
+        guidance_terms[subjects] = scores[subjects] - prompt_score
+    new_momentum = schedule.momentum_beta * momentum + (1 - schedule.momentum_beta) * guidance_terms
+
+    thresholds = [schedule.subject_threshold] * subjects + [schedule.abstract_threshold] * schedule.abstract
+    mean = windowed_mean(history, step, schedule.window)
+    if schedule.in_window(step) and mean is not None:
+        gate = (mean < torch.tensor(thresholds, dtype=mean.dtype, device=mean.device)).to(dtype)
+        guidance = (gate[:, None, None, None] * guidance_terms).sum(0)
+    else:
+        gate = torch.zeros(len(thresholds), dtype=dtype, device=scores.device)
+        guidance = None
+    return ConceptStepResult(scores, similarity, new_momentum, gate, guidance)
+
+
+@dataclass
+class _ImageState:
+    momentum: torch.Tensor | None = None
+    history: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+class ConceptSteering:
+    """Concept steering of ONE image, as an engine AdditiveTerm: one extra prompt per subject
+    concept; keeps that image's momentum and similarity history."""
+
+    source = "concepts"
+
+    def __init__(
+        self,
+        concepts: Sequence[str],
+        concept_scale: float = 8.5,
+        percentile: float = 0.9,
+        subject_threshold: float = 0.5,
+        abstract_threshold: float = 0.5,
+        momentum_scale: float = 0.5,
+        momentum_beta: float = 0.5,
+        warmup: float = 0.1,
+        cooldown: float = 1.0,
+        window: int = 5,
+        abstract: bool = True,
+    ):
+        if not concepts:
+            raise ValueError("concept steering needs at least one concept")
+        self.concepts = tuple(concepts)
+        self.concept_scale = float(concept_scale)
+        self.warmup, self.cooldown = warmup, cooldown  # fractions of the run
+        self._base = ConceptSchedule(
+            percentile,
+            subject_threshold,
+            abstract_threshold,
+            momentum_scale,
+            momentum_beta,
+            0,
+            0,
+            int(window),
+            abstract,
+        )
+        self._schedules: dict[int, ConceptSchedule] = {}
+        self.state = _ImageState()
+        self._finite = FiniteCheck("concept steering")
+
+    @classmethod
+    def from_settings(cls, settings: Settings, concepts: Sequence[str]) -> ConceptSteering:
+        subject_threshold, abstract_threshold = settings.concept_subject_threshold, settings.concept_abstract_threshold
+        if settings.concept_auto_threshold:  # the paper's η = 1/(n+1) for n subject concepts
+            subject_threshold = abstract_threshold = 1.0 / (len(concepts) + 1)
+        return cls(
+            concepts,
+            concept_scale=settings.concept_scale,
+            percentile=settings.concept_percentile,
+            subject_threshold=subject_threshold,
+            abstract_threshold=abstract_threshold,
+            momentum_scale=settings.concept_momentum,
+            momentum_beta=settings.concept_momentum_beta,
+            warmup=settings.concept_warmup,
+            cooldown=settings.concept_cooldown,
+            window=settings.concept_window,
+            abstract=settings.concept_abstract,
+        )
+
+    def extra_prompts(self) -> list[str]:
+        return list(self.concepts)
+
+    def schedule(self, total_steps: int) -> ConceptSchedule:
+        if total_steps not in self._schedules:
+            warmup, cooldown = schedule_index(self.warmup, total_steps), schedule_index(self.cooldown, total_steps)
+            self._schedules[total_steps] = ConceptSchedule(
+                **{**self._base.__dict__, "warmup": warmup, "cooldown": cooldown}
+            )
+        return self._schedules[total_steps]
+
+    def active(self, step: int, total_steps: int) -> bool:
+        """True from step 0 (history and momentum build before the warm-up ends) until the cool-down;
+        False when no step of the run can add guidance."""
+        schedule = self.schedule(total_steps)
+        acting = self.concept_scale > 0 and step < schedule.cooldown and schedule.warmup + 1 < schedule.cooldown
+        if not acting:
+            self._finite.flush()
+        return acting
+
+    def term(self, image_step: ImageStep) -> torch.Tensor | None:
+        eps_concepts = image_step.extra.get(self.source)
+        if eps_concepts is None or eps_concepts.shape[0] != len(self.concepts):
+            got = "none" if eps_concepts is None else eps_concepts.shape[0]
+            raise GuidanceError(f"concept steering: expected {len(self.concepts)} concept predictions, got {got}")
+        step, total = image_step.step, image_step.total_steps
+        self._finite.watch([image_step.eps_uncond, image_step.direction, eps_concepts], step, total)
+        dtype = compute_dtype(image_step.eps_uncond)
+        result = concept_step(
+            image_step.direction.to(dtype),
+            eps_concepts.to(dtype) - image_step.eps_uncond.to(dtype),
+            self.schedule(total),
+            step,
+            self.state.momentum,
+            self.state.history,
+        )
+        self.state.momentum = result.momentum
+        history = self.state.history
+        history[step] = result.similarity
+        for old_step in [s for s in history if s <= step - self._base.window]:  # out of every later window
+            del history[old_step]
+        if result.guidance is None:
+            return None
+        return (self.concept_scale * result.guidance).to(image_step.eps_uncond.dtype)
