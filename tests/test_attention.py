@@ -50,3 +50,33 @@ def test_unet_through_the_kernel_equals_the_stock_unet(tiny_unet):
                 del layer.forward
     assert all("forward" not in vars(layer) for layer in layers)
     torch.testing.assert_close(routed, stock, rtol=0, atol=1e-5)
+
+
+def test_capture_path_keeps_the_output_and_averages_heads():
+    from guidance.attention import attention_capture, attention_scores
+
+    q, k, v = torch.randn(3, 16, 32), torch.randn(3, 7, 32), torch.randn(3, 7, 32)
+    out, probs = attention_capture(q, k, v, heads=4, rows=[2, 0])
+    assert torch.equal(out, attention(q, k, v, 4))
+    expected = attention_scores(q, k, 4).softmax(-1).mean(1)[[2, 0]]
+    assert probs.dtype == torch.float32 and probs.shape == (2, 16, 7)
+    torch.testing.assert_close(probs, expected)
+
+
+def test_bias_path_equals_the_explicit_softmax():
+    from guidance.attention import attention_from_probabilities, attention_scores, attention_with_bias
+
+    q, k, v = torch.randn(2, 16, 32), torch.randn(2, 7, 32), torch.randn(2, 7, 32)
+    bias = torch.zeros(2, 1, 16, 7)
+    bias[0, 0, :, 3] = 2.0
+    explicit = attention_from_probabilities((attention_scores(q, k, 4) + bias).softmax(-1), v, q.dtype)
+    torch.testing.assert_close(attention_with_bias(q, k, v, 4, bias), explicit, rtol=0, atol=1e-5)
+
+
+def test_select_rows_avoids_device_indices():
+    from guidance.attention import select_rows
+
+    t = torch.arange(5)
+    assert select_rows(t, [1, 2, 3]).data_ptr() == t[1:].data_ptr()
+    assert select_rows(t, [3, 0]).tolist() == [3, 0]
+    assert select_rows(t, []).numel() == 0
