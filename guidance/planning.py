@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from .engine import GuidanceRun, ImageInfo
 from .params import Settings
-from .prompts import PipelineMissing, concepts_for, split_phrases
+from .prompts import PipelineMissing, split_phrases
 
 # phrase list → {phrase: context columns} for one prompt, through the host's own tokenizer
 ColumnFinder = Callable[[str, Sequence[str]], dict[str, list[int]]]
@@ -33,6 +33,8 @@ class PlannedRun:
 
 
 def _concepts_per_image(settings: Settings, images: Sequence[ImageInfo], notes: list[str]) -> list[list[str]] | None:
+    from .prompts import concepts_for
+
     try:
         return [concepts_for(settings, image.prompt) for image in images]
     except PipelineMissing as missing:

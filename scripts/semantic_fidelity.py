@@ -137,7 +137,7 @@ class SemanticFidelityScript(scripts.Script):
         except params.InvalidSettings as error:
             _common.attach_state(p, None)
             if _switched_on(p, args):
-                _common.report(p, f"{error}. Generating without Semantic Fidelity.")
+                _common.report(p, "; ".join(error.problems) + ". Generating without Semantic Fidelity.")
             return
         acting = settings.enable and bool(settings.active_methods)
         _common.attach_state(p, settings if acting else None)
