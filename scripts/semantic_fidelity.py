@@ -45,6 +45,7 @@ _hosts = importlib.import_module(f"{_guidance.__name__}.hosts")
 _common = importlib.import_module(f"{_guidance.__name__}.hosts.common")
 _xyz = importlib.import_module(f"{_guidance.__name__}.hosts.webui_xyz")
 _api = importlib.import_module(f"{_guidance.__name__}.hosts.webui_api")
+_ui = importlib.import_module(f"{_guidance.__name__}.hosts.webui_ui")
 
 # The one registry the host requires: this host's adapter, chosen when the script module loads.
 HOST = _hosts.detect_host()
@@ -56,23 +57,6 @@ _xyz.register_axes()
 script_callbacks.on_before_ui(_xyz.register_axes)
 
 
-def _component(param, elem_id: str):
-    """One gradio component for one Param, its value in the component's own form."""
-    import gradio as gr
-
-    common = dict(label=param.label, elem_id=elem_id, elem_classes=["sf-control", f"sf-{param.section}"])
-    value = params.ui_value(param, param.default)
-    if param.kind == "bool":
-        return gr.Checkbox(value=value, **common)
-    if param.kind in ("int", "float"):
-        return gr.Slider(minimum=param.minimum, maximum=param.maximum, step=param.step, value=value, **common)
-    if param.kind == "choice":
-        return gr.Dropdown(choices=list(param.choices), value=value, **common)
-    if param.kind == "edits":
-        return gr.Textbox(value=value, lines=3, placeholder="+ sunglasses : 5\n- blurry : 4", **common)
-    return gr.Textbox(value=value, lines=1, placeholder="detected from the prompt", **common)
-
-
 class SemanticFidelityScript(scripts.Script):
     def title(self):
         return "Semantic Fidelity"
@@ -81,48 +65,10 @@ class SemanticFidelityScript(scripts.Script):
         return scripts.AlwaysVisible
 
     def ui(self, is_img2img):
-        # gradio is imported only to build the UI, so the sampling hooks load without it
-        import gradio as gr
-
-        try:  # A1111 >= 1.7 and Forge: the accordion's header checkbox is the master switch
-            from modules.ui_components import InputAccordion
-        except ImportError:  # pragma: no cover - older hosts
-            InputAccordion = None
-        components = {}
-        enable = params.BY_KEY["enable"]
-        if InputAccordion is not None:
-            accordion = InputAccordion(False, label=params.SECTIONS["general"], elem_id=self.elem_id("enable"))
-            components["enable"] = accordion
-        else:
-            accordion = gr.Accordion(params.SECTIONS["general"], open=False, elem_id=self.elem_id("accordion"))
-        with accordion:
-            if InputAccordion is None:
-                components["enable"] = _component(enable, self.elem_id("enable"))
-            for section, title in params.SECTIONS.items():
-                section_params = [p for p in params.PARAMS if p.section == section and p.key != "enable"]
-                with gr.Group(elem_classes=["sf-section"]):
-                    if section != "general":
-                        gr.HTML(f"<div class='sf-section-title'>{title}</div>")
-                    for param in section_params:
-                        components[param.key] = _component(param, self.elem_id(param.key))
-        ordered = [components[p.key] for p in params.PARAMS]
-        for param, component in zip(params.PARAMS, ordered, strict=True):
-            # the hosts put `webui_tooltip` into the component config and show it as the title
-            component.webui_tooltip = param.tooltip
-        self.infotext_fields = [(c, self._paste_reader(p)) for p, c in zip(params.PARAMS, ordered, strict=True)]
+        components = _ui.build_ui(self, is_img2img)
+        self.infotext_fields = _ui.infotext_fields(components)
         self.paste_field_names = [p.infotext_key for p in params.PARAMS]
-        return ordered
-
-    @staticmethod
-    def _paste_reader(param):
-        """Paste target: the control's value when the infotext has Semantic Fidelity keys
-        (missing keys mean default), otherwise leave the control as it is."""
-
-        def read(fields):
-            values = params.values_from_infotext(fields)
-            return params.ui_value(param, values[param.key]) if values else None
-
-        return read
+        return components
 
     def process(self, p, *args):
         """Validate the settings once per generation; bad input is reported, never raised."""
