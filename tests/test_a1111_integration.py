@@ -80,3 +80,176 @@ def test_the_optimization_is_listed_below_the_hosts_own(host):
     assert titles[0] == "sdp - scaled dot product"
     assert any(t.startswith("Semantic Fidelity SDP") for t in titles)
     assert host.sd_hijack.current_optimizer.name == "sdp"
+
+
+# ---------------------------------------------------------------------------------------------
+# every method through the whole host path
+
+METHOD_ARGS = {
+    "concepts": dict(concepts_enable=True),
+    "sega": dict(sega_enable=True, sega_edits="+ gold clock : 6\n- red book : 3"),
+    "scfg": dict(scfg_enable=True),
+    "regulation": dict(regulation_enable=True),
+}
+METHOD_KEYS = {
+    "concepts": "Semantic Fidelity concept steering",
+    "sega": "Semantic Fidelity SEGA",
+    "scfg": "Semantic Fidelity S-CFG",
+    "regulation": "Semantic Fidelity regulation",
+}
+
+
+def _settings_args(host, *methods, **more):
+    values = dict(enable=True)
+    for method in methods:
+        values.update(METHOD_ARGS[method])
+    values.update(more)
+    return host.args(**values)
+
+
+def _infotext_keys(infotext):
+    return [part.split(":")[0].strip() for part in infotext.splitlines()[-1].split(", ")]
+
+
+@pytest.mark.parametrize(
+    "methods", [("concepts",), ("sega",), ("scfg",), ("regulation",), tuple(METHOD_ARGS)], ids="-".join
+)
+def test_each_method_and_all_together_change_the_image(host, methods):
+    fields = dict(prompt=PROMPT, **SIZE)
+    baseline = host.generate(extension=False, **fields)
+    processed = host.generate(args=_settings_args(host, *methods), **fields)
+    _assert_clean(host, processed)
+    images = _images(processed)
+    assert torch.isfinite(images).all()
+    assert (images - _images(baseline)).abs().max() > 1e-3
+    keys = _infotext_keys(processed.infotexts[0])
+    assert "Semantic Fidelity" in keys
+    for method in methods:
+        assert any(key.startswith(METHOD_KEYS[method]) for key in keys), (method, keys)
+    assert "Semantic Fidelity note" not in keys
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        dict(prompt=[PROMPT, "a blue cat AND a green dog:0.5"], batch_size=2, **SIZE),
+        dict(prompt=" ".join(["a red book and a gold clock on a wooden table"] * 12), negative_prompt="blurry", **SIZE),
+        dict(prompt=PROMPT, s_min_uncond=100.0, **SIZE),
+        dict(prompt=PROMPT, sampler_name="DDIM", **SIZE),
+        dict(prompt=PROMPT, n_iter=2, **SIZE),
+    ],
+    ids=["batch2-AND", "154-tokens-short-negative", "NGMS", "DDIM-eps", "two-batches"],
+)
+def test_all_methods_through_host_variants(host, fields):
+    baseline = host.generate(extension=False, **fields)
+    processed = host.generate(args=_settings_args(host, *METHOD_ARGS), **fields)
+    _assert_clean(host, processed)
+    images, plain = _images(processed), _images(baseline)
+    assert images.shape == plain.shape and torch.isfinite(images).all()
+    for index in range(images.shape[0]):  # every image of the batch is steered
+        assert (images[index] - plain[index]).abs().max() > 1e-3
+
+
+def test_batch_images_keep_their_own_concepts(host):
+    prompts = [PROMPT, "a blue cat on a green sofa"]
+    together = host.generate(args=_settings_args(host, "concepts"), prompt=prompts, batch_size=2, seed=5, **SIZE)
+    alone = host.generate(args=_settings_args(host, "concepts"), prompt=prompts[1], seed=6, **SIZE)
+    # image 1 of the batch (seed 6) is the same image as generated alone
+    torch.testing.assert_close(together.images[1], alone.images[0], rtol=1e-4, atol=1e-4)
+
+
+def test_hires_pass_follows_its_switch(host):
+    fields = dict(prompt=PROMPT, enable_hr=True, hr_second_pass_steps=2, **SIZE)
+    with_hires = host.generate(args=_settings_args(host, "sega", apply_hires=True), **fields)
+    without = host.generate(args=_settings_args(host, "sega", apply_hires=False), **fields)
+    _assert_clean(host, with_hires)
+    _assert_clean(host, without)
+    assert with_hires.images[0].shape[-1] == 32
+    assert (with_hires.images[0] - without.images[0]).abs().max() > 1e-3
+
+
+def test_img2img_is_steered(host):
+    init = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    fields = dict(prompt=PROMPT, init_latent=init, denoising_strength=0.6, **SIZE)
+    baseline = host.generate("img2img", extension=False, **fields)
+    disabled = host.generate("img2img", **fields)
+    assert torch.equal(_images(disabled), _images(baseline))
+    processed = host.generate("img2img", args=_settings_args(host, *METHOD_ARGS), **fields)
+    _assert_clean(host, processed)
+    assert (_images(processed) - _images(baseline)).abs().max() > 1e-3
+
+
+def test_api_dict_form_equals_the_positional_form(host):
+    named = {"enable": True, "sega_enable": True, "sega_edits": "+ gold clock : 6"}
+    by_dict = host.generate(args=[named] + host.default_args()[1:], prompt=PROMPT, **SIZE)
+    by_position = host.generate(args=host.args(**named), prompt=PROMPT, **SIZE)
+    assert torch.equal(_images(by_dict), _images(by_position))
+    assert by_dict.infotexts == by_position.infotexts
+
+
+def test_an_error_inside_a_hook_falls_back_to_host_cfg_once(host, monkeypatch, capsys):
+    from guidance.engine import GuidanceRun
+
+    def broken(self, inputs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(GuidanceRun, "step", broken)
+    baseline = host.generate(extension=False, prompt=PROMPT, **SIZE)
+    processed = host.generate(args=_settings_args(host, *METHOD_ARGS), prompt=PROMPT, **SIZE)
+    _assert_clean(host, processed)
+    torch.testing.assert_close(_images(processed), _images(baseline), rtol=1e-4, atol=1e-4)
+    err = capsys.readouterr().err
+    assert err.count("RuntimeError: boom") == 1
+    assert "boom" in processed.infotexts[0]
+
+
+def test_infotext_round_trip(host):
+    args = _settings_args(host, "sega", "scfg", concept_scale=6.5, sega_momentum=0.3)
+    processed = host.generate(args=args, prompt=PROMPT, **SIZE)
+    fields = dict(part.split(": ", 1) for part in processed.infotexts[0].splitlines()[-1].split(", ") if ": " in part)
+    fields = {key: value.strip('"') for key, value in fields.items()}
+    restored = host.params.build_settings(host.params.values_from_infotext(fields))
+    assert restored == host.params.settings_from_args(args)
+
+
+def test_xyz_axes_override_the_ui_values(host):
+    import types
+
+    from modules import scripts
+
+    class AxisOption:
+        def __init__(self, label, type, apply, format_value=None, confirm=None, cost=0.0, choices=None, prepare=None):
+            self.label, self.type, self.apply, self.choices = label, type, apply, choices
+
+    xyz = types.ModuleType("xyz_grid.py")
+    xyz.AxisOption, xyz.axis_options = AxisOption, []
+    script_class = type("Script", (), {"__module__": "xyz_grid.py"})
+    scripts.scripts_data.append(scripts.ScriptClassData(script_class, "xyz_grid.py", "", xyz))
+    try:
+        assert host.module._xyz.register_axes()
+        assert host.module._xyz.register_axes()  # idempotent
+        labels = [o.label for o in xyz.axis_options]
+        assert len(labels) == len(set(labels)) == len(host.params.xyz_params())
+        by_label = {o.label: o for o in xyz.axis_options}
+        scale_axis = next(o for label, o in by_label.items() if "Concept scale" in label)
+        edits_axis = next(o for label, o in by_label.items() if "Edits" in label)
+    finally:
+        scripts.scripts_data.pop()
+
+    from modules import processing
+
+    cells = []
+    for scale, edits in ((4.0, "+ gold clock : 6"), (12.0, "- red book : 2")):
+        p = processing.StableDiffusionProcessingTxt2Img(
+            scripts=scripts.ScriptRunner([host.script]),
+            script_args=host.default_args(),  # the UI has the extension off: the axes switch it on
+            prompt=PROMPT,
+            **SIZE,
+        )
+        scale_axis.apply(p, scale_axis.type(str(scale)), [])
+        edits_axis.apply(p, edits, [])
+        cells.append(processing.process_images(p))
+    assert "Semantic Fidelity concept scale: 4" in cells[0].infotexts[0]
+    assert "Semantic Fidelity concept scale: 12" in cells[1].infotexts[0]
+    assert "gold clock" in cells[0].infotexts[0] and "red book" in cells[1].infotexts[0]
+    assert (cells[0].images[0] - cells[1].images[0]).abs().max() > 1e-3
