@@ -244,7 +244,9 @@ def token_columns(prompt_chunks: Sequence[Sequence[int]], phrase_ids: Sequence[i
     for c, chunk in enumerate(prompt_chunks):
         if len(chunk) != CHUNK_LENGTH:
             raise ValueError(f"chunk {c} has {len(chunk)} entries, expected {CHUNK_LENGTH} (BOS + 75 + EOS)")
-        body = list(chunk[1:-1])  # never match across BOS/EOS
+        body = list(chunk[1:-1])  # never match BOS, EOS or the padding (EOS ids) before it
+        while body and body[-1] == chunk[-1]:
+            body.pop()
         for start in range(len(body) - len(phrase) + 1):
             if body[start : start + len(phrase)] == phrase:
                 columns.update(CHUNK_LENGTH * c + 1 + start + k for k in range(len(phrase)))
