@@ -8,6 +8,7 @@ from guidance.methods.concept_steering import ConceptSchedule, ConceptSteering, 
 from guidance.methods.sega import SegaEdits
 from guidance.methods.sparsify import NonFinitePrediction
 from guidance.params import build_settings
+from tests.reference_cases import discover
 from tests.test_sega import CFG, STEPS, replay_run, unet_predictions
 
 
@@ -133,3 +134,33 @@ def test_missing_concept_rows_are_reported():
     image_step = ImageStep(0, 0, 10, CFG, _noise(4, 8, 8), _noise(4, 8, 8), {"concepts": _noise(1, 4, 8, 8)})
     with pytest.raises(GuidanceError, match="expected 2 concept predictions, got 1"):
         steering.term(image_step)
+
+
+def test_the_adapter_reproduces_the_recorded_cases():
+    """ConceptSteering fed each recorded case step by step (schedules given as fractions that land
+    on the recorded steps) gives the recorded guided eps: history pruning and state included."""
+    for case in discover("concept_diffusion"):
+        params, tensors = case.params(), case.tensors()
+        steps = tensors["eps_uncond"].shape[0]
+        settings = concept_settings(
+            concept_scale=params["concept_guidance_scale"], concept_percentile=params["subject_percentile"],
+            concept_subject_threshold=params["subject_th"], concept_abstract_threshold=params["abstract_th"],
+            concept_momentum=params["edit_momentum_scale"], concept_momentum_beta=params["edit_mom_beta"],
+            concept_warmup=params["warmup"] / steps, concept_cooldown=min(params["cooldown"] / steps, 1.0),
+            concept_window=params["window"],
+        )  # fmt: skip
+        for image in range(tensors["eps_uncond"].shape[1]):
+            steering = ConceptSteering.from_settings(settings, params["noun_phrases"])
+            assert steering.schedule(steps).warmup == params["warmup"]
+            for step in range(steps):
+                uncond = tensors["eps_uncond"][step, image]
+                direction = tensors["eps_prompt"][step, image] - uncond
+                image_step = ImageStep(image, step, steps, params["guidance_scale"], uncond, direction,
+                                       {"concepts": tensors["eps_concepts"][step, :, image]})  # fmt: skip
+                eps = uncond + params["guidance_scale"] * direction
+                if steering.active(step, steps):
+                    added = steering.term(image_step)
+                    eps = eps if added is None else eps + added
+                expected = tensors["noise_pred"][step, image]
+                torch.testing.assert_close(eps, expected, rtol=1e-5, atol=1e-5, msg=f"{case.id} step {step}")
+                assert len(steering.state.history) <= params["window"]

@@ -5,7 +5,7 @@ import torch
 
 from guidance.engine import GuidanceError, GuidanceRun, ImageInfo, ImageStep, StepInputs
 from guidance.methods.sega import EditSpec, SegaEdits, sega_step
-from guidance.methods.sparsify import NonFinitePrediction, quantile_tail
+from guidance.methods.sparsify import FiniteCheck, NonFinitePrediction, quantile_tail
 from guidance.params import Edit, build_settings
 from tests.reference_cases import discover
 from tests.testbed.unet import random_context
@@ -201,3 +201,24 @@ def test_the_adapter_per_image_reproduces_the_recorded_batch():
                 added = edit_term.term(image_step)
                 eps = eps if added is None else eps + added
             torch.testing.assert_close(eps, tensors["noise_pred"][step, image], rtol=1e-5, atol=1e-5)
+
+
+def test_on_an_accelerator_the_finite_check_reads_each_flag_one_step_later():
+    class AcceleratorCheck(FiniteCheck):
+        @staticmethod
+        def deferred(flag):
+            return True  # as on a GPU: reading the flag at once would wait for the step's kernels
+
+    good, bad = torch.zeros(3), torch.tensor([0.0, float("inf")])
+    check = AcceleratorCheck("test")
+    check.watch([good], 0, 5)
+    check.watch([bad], 1, 5)  # not read yet
+    with pytest.raises(NonFinitePrediction, match="step 1"):
+        check.watch([good], 2, 5)
+    with pytest.raises(NonFinitePrediction, match="step 4"):
+        check.watch([bad], 4, 5)  # the last step is read at once
+    assert check.pending is None
+    ended_early = AcceleratorCheck("test")
+    ended_early.watch([bad], 1, 5)
+    with pytest.raises(NonFinitePrediction):
+        ended_early.flush()  # what active() does once a method stops acting

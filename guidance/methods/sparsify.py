@@ -40,8 +40,12 @@ class FiniteCheck:
         finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all()
         self.flush()
         self.pending = (finite, step)
-        if finite.device.type == "cpu" or step >= total_steps - 1:
+        if not self.deferred(finite) or step >= total_steps - 1:
             self.flush()
+
+    @staticmethod
+    def deferred(flag: torch.Tensor) -> bool:
+        return flag.device.type != "cpu"
 
     def flush(self) -> None:
         if self.pending is None:
