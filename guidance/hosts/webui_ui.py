@@ -1,11 +1,192 @@
 """The accordion UI, built from params.py for both hosts (gradio 3.41 in A1111, Forge's gradio 4).
 
 `build_ui` returns one component per Param in PARAMS order: that order is the script's positional
-argument order for the API. gradio is imported here only, so the sampling side loads without it."""
+argument order for the API. Everything else built here (the Detect button, the SEGA edit slots, a
+hidden echo box) is UI-only and never returned. gradio is imported here only, so the sampling side
+loads without it.
+
+SEGA edit slots and the edits text box edit the same thing, the text box being the value that
+counts. The events are chosen so that they cannot feed each other forever:
+  slot field --input/release (user only)--> `slot_to_text` --> text box + echo box
+  text box   --change-------------------->  `text_to_slots` --> slot fields + echo box
+A slot field has no `change` listener, so the slots being refreshed fires nothing. `text_to_slots`
+ignores a text that equals the echo (the slots wrote it, they already show it) and only updates the
+fields whose value differs, so a field being typed in is left alone.
+"""
 
 from __future__ import annotations
 
-from .. import params
+import inspect
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from .. import params, prompts
+
+EDIT_SLOTS = 4
+DIRECTIONS = ("+", "\u2212")  # add, remove (shown as a minus sign)
+SLOT_FIELDS = ("prompt", "direction") + tuple(spec.key for spec in params.EDIT_FIELDS)
+_PROMPT_ELEMENT = {False: "txt2img_prompt", True: "img2img_prompt"}
+_PLACEHOLDERS = {
+    "concepts": "detected from the prompt",
+    "regulation_targets": "default: the concepts",
+    "sega_edits": "+ sunglasses : 5\n- blurry : 4",
+}
+_DUPLICATE_LABELS = {
+    label for label in (p.label for p in params.PARAMS) if [q.label for q in params.PARAMS].count(label) > 1
+}
+DETECT_TOOLTIP = "Fill the concepts with the noun phrases of this tab's prompt (needs spaCy's English pipeline)."
+
+
+# ---------------------------------------------------------------------------------------------
+# The SEGA edits text box <-> the edit slots (pure functions, fired by the events)
+
+
+def edit_entries(text: str | None) -> list[str]:
+    """The text box's edits, one entry per line or ';' part, blanks kept in place (a slot whose prompt
+    was cleared keeps its position) and trailing blanks dropped."""
+    entries = [part.strip() for part in re.split(r"[\n;]", text or "")]
+    while entries and not entries[-1]:
+        entries.pop()
+    return entries
+
+
+def edit_line(prompt: str, direction: str, *numbers: float) -> str:
+    """One slot's edit in the compact text form; '' for a slot without a prompt."""
+    prompt = re.sub(r"[\n;]+", " ", prompt or "").strip()
+    if not prompt:
+        return ""
+    values = {spec.key: float(n) for spec, n in zip(params.EDIT_FIELDS, numbers, strict=True)}
+    edit = params.Edit(prompt=prompt, reverse=direction != DIRECTIONS[0], **values)
+    return params.format_edits_text([edit])
+
+
+def slot_to_text(index: int, text: str, *fields: Any) -> tuple[str, str]:
+    """Slot `index` (its SLOT_FIELDS values) rewritten into line `index` of the text; other lines are
+    kept as they are. Returns the new text twice: for the text box and for the echo box."""
+    entries = edit_entries(text)
+    entries += [""] * (index + 1 - len(entries))
+    entries[index] = edit_line(*fields)
+    new_text = "\n".join(edit_entries("\n".join(entries)))
+    return new_text, new_text
+
+
+def _slot_target(entry: str) -> tuple | None:
+    """The slot values for one text entry, None when the entry is not a valid single edit."""
+    try:
+        edits = params.parse_edits_text(entry)
+    except ValueError:
+        return None
+    if len(edits) != 1:
+        return None
+    edit = edits[0]
+    direction = DIRECTIONS[1] if edit.reverse else DIRECTIONS[0]
+    return (edit.prompt, direction) + tuple(getattr(edit, spec.key) for spec in params.EDIT_FIELDS)
+
+
+def _same(field: str, current: Any, target: Any) -> bool:
+    if field == "prompt":
+        return (current or "").strip() == target
+    if field == "direction":
+        return (current == DIRECTIONS[1]) == (target == DIRECTIONS[1])
+    try:
+        return abs(float(current) - float(target)) < 1e-9
+    except (TypeError, ValueError):
+        return False
+
+
+def text_to_slots(text: str, echo: str, *current: Any) -> list:
+    """Updates for every slot field (EDIT_SLOTS x SLOT_FIELDS, slot by slot) after the text box
+    changed, then the cleared echo. Unchanged fields get an empty update."""
+    import gradio as gr
+
+    width = len(SLOT_FIELDS)
+    updates = [gr.update() for _ in range(EDIT_SLOTS * width)]
+    if text == echo:  # written by the slots, which already show it
+        return updates + [""]
+    entries = edit_entries(text)
+    defaults = ("", DIRECTIONS[0]) + tuple(spec.default for spec in params.EDIT_FIELDS)
+    for slot in range(EDIT_SLOTS):
+        now = current[slot * width : (slot + 1) * width]
+        entry = entries[slot] if slot < len(entries) else ""
+        if entry:
+            target = _slot_target(entry)
+            if target is None:  # not (yet) a valid edit: the slot stays as it is
+                continue
+        elif (now[0] or "").strip():
+            target = defaults  # the line went away: an empty slot
+        else:
+            continue  # an empty slot stays as the user left it
+        for offset, (field, value, wanted) in enumerate(zip(SLOT_FIELDS, now, target, strict=True)):
+            if not _same(field, value, wanted):
+                updates[slot * width + offset] = gr.update(value=wanted)
+    return updates + [""]
+
+
+# ---------------------------------------------------------------------------------------------
+# Concept detection
+
+
+def detect_concepts(prompt: str, concepts: str):
+    """The concepts box filled from the prompt; unchanged (with a message) when that is not possible."""
+    import gradio as gr
+
+    if not (prompt or "").strip():
+        return _unchanged(gr, "The prompt is empty: nothing to detect concepts from.")
+    try:
+        found = prompts.extract_concepts(prompt)
+    except prompts.PipelineMissing as error:
+        return _unchanged(gr, str(error))
+    if not found:
+        return _unchanged(gr, "No noun phrases found in the prompt; enter the concepts by hand.")
+    if len(found) > params.MAX_CONCEPTS:
+        _warn(gr, f"{len(found)} concepts found, the first {params.MAX_CONCEPTS} are kept.")
+        found = found[: params.MAX_CONCEPTS]
+    return prompts.format_phrases(found)
+
+
+def _warn(gr, message: str) -> bool:
+    warning = getattr(gr, "Warning", None)  # gradio >= 3.35 and 4
+    if warning is None:
+        return False
+    warning(f"Semantic Fidelity: {message}")
+    return True
+
+
+def _unchanged(gr, message: str):
+    if _warn(gr, message):
+        return gr.update()
+    return gr.update(placeholder=message)
+
+
+def after_component(script, component, **kwargs) -> None:
+    """For the Script's `after_component` hook: remembers the tab's prompt box."""
+    elem_id = kwargs.get("elem_id")
+    if elem_id in _PROMPT_ELEMENT.values():
+        found = script.__dict__.setdefault("_sf_prompts", {})
+        found[elem_id] = component
+
+
+def prompt_component(script, is_img2img: bool):
+    """The tab's prompt box: as the host announced it (`after_component`), else looked up among the
+    blocks built so far (the prompt is created before the scripts' UI in both hosts)."""
+    elem_id = _PROMPT_ELEMENT[bool(is_img2img)]
+    known = getattr(script, "_sf_prompts", {}).get(elem_id)
+    if known is not None:
+        return known
+    try:
+        from gradio.context import Context
+    except ImportError:  # pragma: no cover - every supported gradio has it
+        return None
+    root = getattr(Context, "root_block", None)
+    for block in list(getattr(root, "blocks", {}).values()):
+        if getattr(block, "elem_id", None) == elem_id:
+            return block
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Building
 
 
 def _component(param: params.Param, elem_id: str):
@@ -13,16 +194,102 @@ def _component(param: params.Param, elem_id: str):
     import gradio as gr
 
     common = dict(label=param.label, elem_id=elem_id, elem_classes=["sf-control", f"sf-{param.section}"])
-    value = params.ui_value(param, param.default)
+    value = _ui_value(param, param.default)
     if param.kind == "bool":
-        return gr.Checkbox(value=value, **common)
-    if param.kind in ("int", "float"):
-        return gr.Slider(minimum=param.minimum, maximum=param.maximum, step=param.step, value=value, **common)
-    if param.kind == "choice":
-        return gr.Dropdown(choices=list(param.choices), value=value, **common)
+        component = gr.Checkbox(value=value, **common)
+    elif param.kind in ("int", "float"):
+        component = gr.Slider(minimum=param.minimum, maximum=param.maximum, step=param.step, value=value, **common)
+    elif param.kind == "choice":
+        component = gr.Dropdown(choices=list(param.choices), value=value, **common)
+    elif param.kind == "edits":
+        component = gr.Textbox(value=value, lines=3, max_lines=12, placeholder=_PLACEHOLDERS[param.key], **common)
+    else:
+        component = gr.Textbox(value=value, lines=1, placeholder=_PLACEHOLDERS.get(param.key, ""), **common)
+    if param.label in _DUPLICATE_LABELS:
+        # the host saves UI defaults per label (ui-config.json): a repeated label would share one entry
+        component.do_not_save_to_config = True
+    return component
+
+
+def _ui_value(param: params.Param, value: Any) -> Any:
+    """params.ui_value, with the edits one per line as the text box shows them."""
     if param.kind == "edits":
-        return gr.Textbox(value=value, lines=3, placeholder="+ sunglasses : 5\n- blurry : 4", **common)
-    return gr.Textbox(value=value, lines=1, placeholder="detected from the prompt", **common)
+        return "\n".join(params.format_edits_text([edit]) for edit in value)
+    return params.ui_value(param, value)
+
+
+def _listen(component, event: str, fn, inputs: list, outputs: list) -> None:
+    """A light, unqueued listener without progress animation; on gradio 4 the last of a burst of
+    events always runs (its default for user events drops those that arrive while one runs)."""
+    listener = getattr(component, event)
+    options: dict[str, Any] = {"queue": False, "show_progress": "hidden"}
+    if "trigger_mode" in inspect.signature(listener).parameters:
+        options["trigger_mode"] = "always_last"
+    listener(fn, inputs=inputs, outputs=outputs, **options)
+
+
+def _edit_slots(script, edits, components: dict) -> None:
+    import gradio as gr
+
+    echo = gr.Textbox(value="", visible=False, elem_id=script.elem_id("sega_edits_echo"))
+    echo.do_not_save_to_config = True
+    slots = []
+    with gr.Column(elem_classes=["sf-edit-slots"]):
+        for index in range(EDIT_SLOTS):
+            with gr.Row(elem_classes=["sf-edit-slot"], variant="compact"):
+                fields = [
+                    gr.Textbox(
+                        label=f"Edit {index + 1}",
+                        placeholder="edit prompt",
+                        lines=1,
+                        max_lines=1,
+                        elem_id=script.elem_id(f"edit{index + 1}_prompt"),
+                        elem_classes=["sf-slot-prompt"],
+                    ),
+                    gr.Radio(
+                        choices=list(DIRECTIONS),
+                        value=DIRECTIONS[0],
+                        label="Add / remove",
+                        elem_id=script.elem_id(f"edit{index + 1}_direction"),
+                        elem_classes=["sf-slot-direction"],
+                    ),
+                ]
+                fields[0].webui_tooltip = "The concept this edit adds or removes; empty: no edit."
+                fields[1].webui_tooltip = "+ pushes the image towards the edit prompt, \u2212 away from it."
+                for spec in params.EDIT_FIELDS:
+                    slider = gr.Slider(
+                        minimum=spec.minimum,
+                        maximum=spec.maximum,
+                        step=spec.step,
+                        value=spec.default,
+                        label=spec.label,
+                        elem_id=script.elem_id(f"edit{index + 1}_{spec.key}"),
+                        elem_classes=["sf-slot-number"],
+                    )
+                    slider.webui_tooltip = spec.tooltip
+                    fields.append(slider)
+            for field in fields:
+                field.do_not_save_to_config = True  # mirrors of the text box, same labels in every slot
+            slots.append(fields)
+
+    for index, fields in enumerate(slots):
+        fn = _slot_writer(index)
+        for field in fields:
+            events = ("input", "release") if isinstance(field, gr.Slider) else ("input",)
+            for event in events:
+                _listen(field, event, fn, [edits, *fields], [edits, echo])
+    every_field = [field for fields in slots for field in fields]
+    _listen(edits, "change", text_to_slots, [edits, echo, *every_field], [*every_field, echo])
+    components["_edit_slots"] = slots
+    components["_edit_echo"] = echo
+
+
+def _slot_writer(index: int):
+    def write(text, *fields):
+        return slot_to_text(index, text, *fields)
+
+    write.__name__ = f"slot_{index + 1}_to_text"
+    return write
 
 
 def build_ui(script, is_img2img: bool) -> list:
@@ -32,7 +299,7 @@ def build_ui(script, is_img2img: bool) -> list:
         from modules.ui_components import InputAccordion
     except ImportError:  # pragma: no cover - older hosts
         InputAccordion = None
-    components = {}
+    components: dict[str, Any] = {}
     enable = params.BY_KEY["enable"]
     if InputAccordion is not None:
         accordion = InputAccordion(False, label=params.SECTIONS["general"], elem_id=script.elem_id("enable"))
@@ -42,18 +309,50 @@ def build_ui(script, is_img2img: bool) -> list:
     with accordion:
         if InputAccordion is None:
             components["enable"] = _component(enable, script.elem_id("enable"))
-        for section, title in params.SECTIONS.items():
+        for section in params.SECTIONS:
             section_params = [p for p in params.PARAMS if p.section == section and p.key != "enable"]
-            with gr.Group(elem_classes=["sf-section"]):
-                if section != "general":
-                    gr.HTML(f"<div class='sf-section-title'>{title}</div>")
-                for param in section_params:
-                    components[param.key] = _component(param, script.elem_id(param.key))
+            with gr.Group(elem_id=script.elem_id(f"section_{section}"), elem_classes=["sf-section"]):
+                _build_section(script, is_img2img, section, section_params, components)
     ordered = [components[p.key] for p in params.PARAMS]
     for param, component in zip(params.PARAMS, ordered, strict=True):
         # the hosts put `webui_tooltip` into the component config and show it as the title
         component.webui_tooltip = param.tooltip
     return ordered
+
+
+def _build_section(script, is_img2img: bool, section: str, section_params: Sequence, components: dict) -> None:
+    import gradio as gr
+
+    switch = params.METHOD_SWITCHES.get(section)
+    texts = [p for p in section_params if p.kind in ("str", "edits")]
+    others = [p for p in section_params if p not in texts and p.key != switch]
+    if switch:
+        components[switch] = _component(params.BY_KEY[switch], script.elem_id(switch))
+    for param in texts:
+        if param.key == "concepts":
+            with gr.Row(elem_classes=["sf-concepts-row"]):
+                box = _component(param, script.elem_id(param.key))
+                button = gr.Button("Detect", elem_id=script.elem_id("detect"), elem_classes=["sf-detect"], size="sm")
+                button.webui_tooltip = DETECT_TOOLTIP
+            components[param.key] = box
+            prompt = prompt_component(script, is_img2img)
+            if prompt is None:  # no prompt box to read from in this host
+                button.visible = False
+            else:
+                button.click(detect_concepts, inputs=[prompt, box], outputs=[box], show_progress="hidden")
+            components["_detect"] = button
+        else:
+            components[param.key] = _component(param, script.elem_id(param.key))
+        if param.kind == "edits":
+            _edit_slots(script, components[param.key], components)
+    if others:
+        with gr.Row(elem_classes=["sf-controls"]):
+            for param in others:
+                components[param.key] = _component(param, script.elem_id(param.key))
+
+
+# ---------------------------------------------------------------------------------------------
+# Infotext paste
 
 
 def _paste_reader(param: params.Param):
@@ -62,7 +361,7 @@ def _paste_reader(param: params.Param):
 
     def read(fields):
         values = params.values_from_infotext(fields)
-        return params.ui_value(param, values[param.key]) if values else None
+        return _ui_value(param, values[param.key]) if values else None
 
     return read
 
