@@ -18,6 +18,8 @@ from .prompts import PipelineMissing, split_phrases
 
 # phrase list → {phrase: context columns} for one prompt, through the host's own tokenizer
 ColumnFinder = Callable[[str, Sequence[str]], dict[str, list[int]]]
+# prompt → the context columns of its end-of-text tokens (the first one of every 77-token chunk)
+EosFinder = Callable[[str], list[int]]
 
 
 @dataclass
@@ -47,10 +49,12 @@ def plan_run(
     images: Sequence[ImageInfo],
     find_columns: ColumnFinder | None = None,
     attention_available: bool = True,
+    find_eos: EosFinder | None = None,
 ) -> PlannedRun:
     """The run's method objects. `find_columns` maps phrases to context columns with the host's
-    tokenizer (needed by attention regulation); `attention_available` is False where the host's
-    model cannot be routed (then S-CFG and regulation are left out with a note)."""
+    tokenizer (needed by attention regulation), `find_eos` the end-of-text columns regulation
+    restores; `attention_available` is False where the host's model cannot be routed (then S-CFG and
+    regulation are left out with a note)."""
     notes: list[str] = []
     wants = set(settings.active_methods)
     concepts: list[list[str]] = [[] for _ in images]
@@ -92,7 +96,7 @@ def plan_run(
 
         region_scales = RegionScales.from_settings(settings, len(images))
     if "regulation" in attention_methods:
-        regulator = _regulator(settings, images, concepts, find_columns, notes)
+        regulator = _regulator(settings, images, concepts, find_columns, find_eos, notes)
     router = None
     if region_scales is not None or regulator is not None:
         from .attention_routing import AttentionRouter
@@ -102,7 +106,7 @@ def plan_run(
     return PlannedRun(run=run, router=router, notes=notes, concepts=concepts)
 
 
-def _regulator(settings, images, concepts, find_columns, notes):
+def _regulator(settings, images, concepts, find_columns, find_eos, notes):
     if find_columns is None:
         notes.append("Attention regulation: the host offers no tokenizer for target positions; it is off.")
         return None
@@ -117,4 +121,5 @@ def _regulator(settings, images, concepts, find_columns, notes):
         return None
     from .methods.attention_regulation import AttentionRegulator
 
-    return AttentionRegulator.from_settings(settings, targets, [info.seed for info in images])
+    eos = [find_eos(info.prompt) for info in images] if find_eos is not None else None
+    return AttentionRegulator.from_settings(settings, targets, [info.seed for info in images], eos_columns=eos)

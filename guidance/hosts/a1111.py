@@ -67,14 +67,21 @@ def _prediction_space(denoiser) -> str:
     return "eps" if "CFGDenoiserTimesteps" in names else "x0"
 
 
-def _column_finder(model):
-    """phrase → context columns through the host's text-encoder wrapper (a1111.md §6.6)."""
+def _tokenizer_wrapper(model):
+    """The host's text-encoder wrapper with `tokenize_line` (SDXL: its first embedder that has one)."""
     embedder = getattr(model, "cond_stage_model", None)
     wrapper = embedder
-    if hasattr(embedder, "embedders"):  # SDXL: the first embedder with a tokenizer
+    if hasattr(embedder, "embedders"):
         wrapper = next((e for e in embedder.embedders if hasattr(e, "tokenize_line")), None)
-    if wrapper is None or not hasattr(wrapper, "tokenize_line"):
-        return None
+    return wrapper if wrapper is not None and hasattr(wrapper, "tokenize_line") else None
+
+
+def _token_finders(model):
+    """(phrase → context columns, prompt → end-of-text columns) through the host's tokenizer
+    (a1111.md §6.6: chunk c, entry j is context column 77·c + j), or (None, None)."""
+    wrapper = _tokenizer_wrapper(model)
+    if wrapper is None:
+        return None, None
 
     from ..prompts import phrase_columns
 
@@ -84,7 +91,11 @@ def _column_finder(model):
     def words(text: str) -> list[int]:
         return list(wrapper.tokenize([text])[0])
 
-    return lambda prompt, phrases: phrase_columns(prompt, phrases, chunks, words)
+    def end_of_text(text: str) -> list[int]:
+        eos_id = chunks("")[0][-1]
+        return [77 * c + tokens.index(eos_id, 1) for c, tokens in enumerate(chunks(text)) if eos_id in tokens[1:]]
+
+    return (lambda prompt, phrases: phrase_columns(prompt, phrases, chunks, words)), end_of_text
 
 
 class A1111Adapter:
@@ -118,7 +129,8 @@ class A1111Adapter:
             return
         prompts = getattr(p, "hr_prompts", None) if getattr(p, "is_hr_pass", False) else None
         images = batch_images(p, prompts=prompts)
-        planned = plan_run(settings, images, find_columns=_column_finder(p.sd_model))
+        find_columns, find_eos = _token_finders(p.sd_model)
+        planned = plan_run(settings, images, find_columns=find_columns, find_eos=find_eos)
         for note in planned.notes:
             report(p, note)
         if not planned.acting:

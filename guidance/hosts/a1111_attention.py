@@ -126,6 +126,8 @@ class UNetRouting:
         return forward
 
     def remove(self) -> None:
+        if self.router is not None:
+            self.router.end()
         for module in self.patched:
             module.__dict__.pop("forward", None)
         self.patched.clear()
