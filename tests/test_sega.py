@@ -170,11 +170,18 @@ def test_non_finite_predictions_raise_a_clear_error(eps_denoiser):
     assert issubclass(NonFinitePrediction, GuidanceError)
 
 
-def test_the_adapter_per_image_reproduces_the_recorded_batch():
-    """Each image's own SegaEdits, fed the recorded predictions, gives the recorded guided eps."""
-    case = next(c for c in discover("sega") if c.tensors()["eps_uncond"].shape[1] > 1)
+def test_the_adapter_per_image_reproduces_the_recorded_cases():
+    """Each image's own SegaEdits, fed the recorded predictions, gives the recorded guided eps
+    (warm-up and cool-down given as fractions that land on the recorded steps)."""
+    cases = discover("sega")
+    assert any(case.tensors()["eps_uncond"].shape[1] > 1 for case in cases), "no recorded batch to check"
+    for case in cases:
+        _check_adapter_on(case)
+
+
+def _check_adapter_on(case):
     params, tensors = case.params(), case.tensors()
-    steps = params["num_steps"]
+    steps = tensors["eps_uncond"].shape[0]
     count = len(params["editing_prompt"])
 
     def each(key, default=None):
@@ -182,7 +189,8 @@ def test_the_adapter_per_image_reproduces_the_recorded_batch():
         return value if isinstance(value, list) else [value] * count
 
     edits = [
-        Edit(prompt, reverse, scale, threshold, warmup / steps, 1.0 if cooldown is None else cooldown / steps, weight)
+        Edit(prompt, reverse, scale, threshold, warmup / steps, 1.0 if cooldown is None else min(cooldown / steps, 1.0),
+             weight)
         for prompt, reverse, scale, threshold, warmup, cooldown, weight in zip(
             params["editing_prompt"], each("reverse_editing_direction"), each("edit_guidance_scale"),
             each("edit_threshold"), each("edit_warmup_steps"), each("edit_cooldown_steps"),
@@ -200,7 +208,8 @@ def test_the_adapter_per_image_reproduces_the_recorded_batch():
             if edit_term.active(step, steps):
                 added = edit_term.term(image_step)
                 eps = eps if added is None else eps + added
-            torch.testing.assert_close(eps, tensors["noise_pred"][step, image], rtol=1e-5, atol=1e-5)
+            expected = tensors["noise_pred"][step, image]
+            torch.testing.assert_close(eps, expected, rtol=1e-5, atol=1e-5, msg=f"{case.id} step {step}")
 
 
 def test_on_an_accelerator_the_finite_check_reads_each_flag_one_step_later():

@@ -11,7 +11,7 @@ the mean similarity over the previous `window` steps (not the current one) is be
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -103,13 +103,16 @@ def concept_step(
         guidance_terms[subjects] = scores[subjects] - prompt_score
     new_momentum = schedule.momentum_beta * momentum + (1 - schedule.momentum_beta) * guidance_terms
 
-    thresholds = [schedule.subject_threshold] * subjects + [schedule.abstract_threshold] * schedule.abstract
     mean = windowed_mean(history, step, schedule.window)
     if schedule.in_window(step) and mean is not None:
-        gate = (mean < torch.tensor(thresholds, dtype=mean.dtype, device=mean.device)).to(dtype)
+        # thresholds built on the device: a tensor made from a list would be a host copy, a sync
+        thresholds = torch.full_like(mean, schedule.subject_threshold)
+        if schedule.abstract:
+            thresholds[subjects] = schedule.abstract_threshold
+        gate = (mean < thresholds).to(dtype)
         guidance = (gate[:, None, None, None] * guidance_terms).sum(0)
     else:
-        gate = torch.zeros(len(thresholds), dtype=dtype, device=scores.device)
+        gate = torch.zeros(scores.shape[0], dtype=dtype, device=scores.device)
         guidance = None
     return ConceptStepResult(scores, similarity, new_momentum, gate, guidance)
 
@@ -185,9 +188,7 @@ class ConceptSteering:
     def schedule(self, total_steps: int) -> ConceptSchedule:
         if total_steps not in self._schedules:
             warmup, cooldown = schedule_index(self.warmup, total_steps), schedule_index(self.cooldown, total_steps)
-            self._schedules[total_steps] = ConceptSchedule(
-                **{**self._base.__dict__, "warmup": warmup, "cooldown": cooldown}
-            )
+            self._schedules[total_steps] = replace(self._base, warmup=warmup, cooldown=cooldown)
         return self._schedules[total_steps]
 
     def active(self, step: int, total_steps: int) -> bool:
