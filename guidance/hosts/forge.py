@@ -1,0 +1,186 @@
+"""The Forge 2.x adapter: everything goes on a clone of the run's UnetPatcher
+(../shared/hosts/forge.md §1.2, §2-§5, §9).
+
+`prepare` runs from `process_before_every_sampling` (once per sampler run, and twice more for the
+hires pass): it plans the run, encodes the extra prompts like Forge encodes the main prompt, clones
+`p.sd_model.forge_objects.unet`, installs the functions of `forge_patches.ForgePatches` and assigns
+the clone back. `finish` puts the original UnetPatcher back. Any error inside a patched function
+switches the run off (host CFG for the rest of the run), puts the original back and reports once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..params import METHOD_SWITCHES
+from ..planning import plan_run
+from .common import batch_images, pass_is_wanted, report, state_of
+from .forge_patches import ForgePatches
+
+UNCOND_METHODS = ("concepts", "sega", "scfg")  # they steer against the uncond prediction
+
+
+@dataclass
+class ForgeRun:
+    p: object
+    original: object  # the UnetPatcher the pass started with
+    clone: object  # ours, assigned to p.sd_model.forge_objects.unet
+    patches: ForgePatches
+
+
+def decline_reason(p) -> str | None:
+    """Models without classic CFG or UNet cross-attention (forge.md §5.2): Flux, Chroma, SD3 and
+    anything else whose diffusion model is not the SD1/SD2/SDXL UNet."""
+    model = p.sd_model
+    unet = getattr(getattr(model, "forge_objects", None), "unet", None)
+    if unet is None:
+        return "the loaded model has no Forge UNet patcher; Semantic Fidelity is off for this image."
+    config = getattr(getattr(unet.model, "diffusion_model", None), "config", None)
+    unet_like = isinstance(config, dict) and config.get("model_channels") is not None
+    if getattr(model, "is_sd3", False) or getattr(model, "use_distilled_cfg_scale", False) or not unet_like:
+        return (
+            f"{type(model).__name__} models have no classic CFG UNet with cross-attention (Flux, Chroma, "
+            "SD3 and the like); Semantic Fidelity is off and the image is generated normally."
+        )
+    return None
+
+
+def _pass_has_uncond(p) -> bool:
+    """Forge drops the uncond conditioning entirely when the pass's CFG scale is 1 (§3.2)."""
+    if getattr(p, "is_hr_pass", False):
+        return getattr(p, "hr_uc", True) is not None and float(getattr(p, "hr_cfg", 1.0)) != 1.0
+    return getattr(p, "uc", True) is not None and float(p.cfg_scale) != 1.0
+
+
+def _sd_conditioning(texts: list[str], width: int, height: int):
+    try:
+        from modules.prompt_parser import SdConditioning
+    except ImportError:  # outside the WebUI (the test stand-in takes a plain list)
+        return list(texts)
+    return SdConditioning(texts, width=width, height=height)
+
+
+def _rows(encoded, count: int) -> list:
+    if isinstance(encoded, dict):
+        return [{"crossattn": encoded["crossattn"][i], "vector": encoded["vector"][i]} for i in range(count)]
+    return [encoded[i] for i in range(count)]
+
+
+def encode_prompts(p, texts: list[str], cache: dict) -> list:
+    """Each text through `p.sd_model.get_learned_conditioning` (emphasis, BREAK, embeddings, SDXL
+    size embedding; forge.md §3.5), cached for the generation."""
+    hires = getattr(p, "is_hr_pass", False)
+    width = int(getattr(p, "hr_upscale_to_x", 0) or p.width) if hires else int(p.width)
+    height = int(getattr(p, "hr_upscale_to_y", 0) or p.height) if hires else int(p.height)
+    missing = [text for text in dict.fromkeys(texts) if (text, width, height) not in cache]
+    if missing:
+        encoded = p.sd_model.get_learned_conditioning(_sd_conditioning(missing, width, height))
+        for text, row in zip(missing, _rows(encoded, len(missing)), strict=True):
+            cache[(text, width, height)] = row
+    return [cache[(text, width, height)] for text in texts]
+
+
+def _phrase_columns(prompt, phrases, chunks, words) -> dict[str, list[int]]:
+    """Context columns of each phrase: its token ids searched in every chunk of the prompt."""
+    prompt_chunks = chunks(prompt)
+    found: dict[str, list[int]] = {}
+    for phrase in phrases:
+        ids = words(phrase)
+        columns: list[int] = []
+        offset = 0
+        for chunk in prompt_chunks:
+            for start in range(len(chunk) - len(ids) + 1) if ids else ():
+                if chunk[start : start + len(ids)] == ids:
+                    columns.extend(range(offset + start, offset + start + len(ids)))
+            offset += len(chunk)
+        found[phrase] = columns
+    return found
+
+
+def column_finder(model):
+    """phrase → context columns through Forge's text processing engine (forge.md §3.6)."""
+    engine = getattr(model, "text_processing_engine", None) or getattr(model, "text_processing_engine_l", None)
+    if engine is None or not hasattr(engine, "tokenize_line"):
+        return None
+    try:
+        from ..prompts import phrase_columns
+    except ImportError:
+        phrase_columns = _phrase_columns
+
+    def chunks(text: str) -> list[list[int]]:
+        return [list(chunk.tokens) for chunk in engine.tokenize_line(text)[0]]
+
+    def words(text: str) -> list[int]:
+        return list(engine.tokenize([text])[0])
+
+    return lambda prompt, phrases: phrase_columns(prompt, phrases, chunks, words)
+
+
+def _step_source(p):
+    """(step, total) from the run's CFG denoiser, read at call time (the hires pass has its own)."""
+    calls = [0]
+
+    def step_and_total() -> tuple[int, int]:
+        denoiser = getattr(getattr(p, "sampler", None), "model_wrap_cfg", None)
+        if denoiser is not None and getattr(denoiser, "total_steps", None):
+            return int(denoiser.step), int(denoiser.total_steps)
+        calls[0] += 1
+        return calls[0] - 1, int(getattr(p, "steps", calls[0]) or calls[0])
+
+    return step_and_total
+
+
+class ForgeAdapter:
+    host = "forge"
+
+    def prepare(self, p, state) -> None:
+        self.finish(p)  # the hires pass calls this again, before and after Forge resets the UNet
+        settings = state.settings
+        if not pass_is_wanted(p, settings):
+            return
+        reason = decline_reason(p)
+        if reason is not None:
+            report(p, reason)
+            return
+        if not _pass_has_uncond(p):
+            dropped = [method for method in UNCOND_METHODS if settings.method_enabled(method)]
+            if dropped:
+                report(p, f"CFG scale 1 leaves no unconditional prediction; {', '.join(dropped)} off for this pass.")
+                settings = settings.replace(**{METHOD_SWITCHES[method]: False for method in dropped})
+        if not settings.active_methods:
+            return
+        hires = getattr(p, "is_hr_pass", False)
+        images = batch_images(p, prompts=getattr(p, "hr_prompts", None) if hires else None)
+        planned = plan_run(settings, images, find_columns=column_finder(p.sd_model))
+        for note in planned.notes:
+            report(p, note)
+        if not planned.acting:
+            return
+        cache = state.__dict__.setdefault("forge_encoded", {})
+        extra_conds = encode_prompts(p, [row.text for row in planned.run.extra_rows], cache)
+        original = p.sd_model.forge_objects.unet
+        clone = original.clone()
+        patches = ForgePatches(planned, extra_conds, _step_source(p), lambda error: self._fail(p, error))
+        patches.install(clone)
+        state.active = ForgeRun(p=p, original=original, clone=clone, patches=patches)
+        p.sd_model.forge_objects.unet = clone
+
+    def finish(self, p) -> None:
+        state = state_of(p)
+        run = getattr(state, "active", None) if state is not None else None
+        if not isinstance(run, ForgeRun):
+            return
+        state.active = None
+        run.patches.enabled = False  # copies held by other extensions' clones act like the host
+        if run.patches.router is not None:
+            run.patches.router.end()
+        objects = getattr(p.sd_model, "forge_objects", None)
+        if objects is not None and objects.unet is run.clone:
+            objects.unet = run.original
+
+    def _fail(self, p, error: Exception) -> None:
+        state = state_of(p)
+        if state is not None:
+            state.failed = True
+        self.finish(p)
+        report(p, f"{type(error).__name__}: {error}. This image uses Forge's own CFG from here on.")

@@ -1,0 +1,228 @@
+"""The Forge adapter on the Forge stand-in (tests/testbed/forge.py) around the real ldm UNet:
+whole generations through Forge's sampling function order, with the hooks called the way Forge
+calls them (twice more for the hires pass)."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from guidance.hosts.common import NOTE_KEY, attach_state, state_of
+from guidance.hosts.forge import ForgeAdapter, column_finder
+from guidance.params import build_settings
+from tests.testbed.forge import FluxLikeEngine, ForgeDiffusionEngine, Processing, generate
+
+PROMPT = "a photo of a red cat on a wooden table"
+
+
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return ForgeDiffusionEngine(seed=0)
+
+
+def run(engine, settings=None, prompts=(PROMPT,), hires=False, cfg=7.0, adapter=None, init_latent=None, **kw):
+    """One generation; `settings` None ⇒ no extension at all (the host alone)."""
+    p = Processing(engine, list(prompts), [11 + i for i in range(len(prompts))], cfg_scale=cfg, hr_cfg=cfg, **kw)
+    adapter = adapter or ForgeAdapter()
+    hooks, post = (), ()
+    if settings is not None:
+        state = attach_state(p, settings)
+
+        def before(p):  # the script: no prepare when the settings are off or a hook failed
+            if state.settings is not None and not state.failed:
+                adapter.prepare(p, state)
+
+        hooks, post = (before,), (adapter.finish,)
+    original = engine.forge_objects_after_applying_lora.unet
+    latent = generate(p, hooks, post, hires=hires, init_latent=init_latent)
+    assert engine.forge_objects.unet is original  # nothing stays patched
+    return latent, p
+
+
+METHODS = {
+    "scfg": dict(enable=True, scfg_enable=True),
+    "regulation": dict(
+        enable=True, regulation_enable=True, regulation_targets="red cat", regulation_iterations=3, regulation_end=1.0
+    ),
+    "sega": dict(enable=True, sega_enable=True, sega_edits="+ sunglasses : 5"),
+    "concepts": dict(enable=True, concepts_enable=True, concepts="red cat; wooden table", concept_warmup=0.0),
+}
+NEEDS = {"sega": "guidance.methods.sega", "concepts": "guidance.methods.concept_steering"}
+
+
+def _settings(method):
+    if method in NEEDS and not _has(NEEDS[method]):
+        pytest.skip(f"{NEEDS[method]} has not landed yet")
+    return build_settings(METHODS[method])
+
+
+def test_disabled_is_bit_identical_to_the_host(engine):
+    plain, _ = run(engine)
+    off, _ = run(engine, build_settings({"enable": False, "sega_enable": True, "sega_edits": "+ hat"}))
+    assert torch.equal(plain, off)
+    hires_plain, _ = run(engine, hires=True)
+    hires_off, _ = run(engine, build_settings({}), hires=True)
+    assert torch.equal(hires_plain, hires_off)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_each_method_changes_the_image(engine, method):
+    settings = _settings(method)
+    plain, _ = run(engine)
+    guided, p = run(engine, settings)
+    assert torch.isfinite(guided).all()
+    change = (guided - plain).abs().mean().item()
+    assert change > (1e-5 if method == "regulation" else 1e-3), change
+    assert not state_of(p).failed, p.extra_generation_params
+
+
+def test_all_methods_together_batch_two(engine):
+    values = {}
+    for method in METHODS:
+        if method in NEEDS and not _has(NEEDS[method]):
+            continue
+        values.update(METHODS[method])
+    prompts = (PROMPT, "a red cat in a garden")
+    plain, _ = run(engine, prompts=prompts)
+    guided, p = run(engine, build_settings(values), prompts=prompts)
+    assert guided.shape == plain.shape == (2, 4, 8, 8)
+    assert not state_of(p).failed, p.extra_generation_params
+    per_image = (guided - plain).abs().flatten(1).mean(1)
+    assert (per_image > 1e-3).all(), per_image
+
+
+def test_batch_two_matches_two_single_runs(engine):
+    """Rows of one image never leak into the other: image 2 of a batch equals its own run."""
+    settings = build_settings(METHODS["scfg"])
+    both, _ = run(engine, settings, prompts=(PROMPT, "a blue bird"))
+    p = Processing(engine, ["a blue bird"], [12])
+    state = attach_state(p, settings)
+    adapter = ForgeAdapter()
+    alone = generate(p, (lambda p: adapter.prepare(p, state),), (adapter.finish,))
+    torch.testing.assert_close(both[1], alone[0], atol=1e-3, rtol=1e-3)
+    assert (both[1] - alone[0]).abs().mean() < 2e-5
+
+
+def test_extra_rows_ride_in_the_main_unet_call(engine, monkeypatch):
+    """Extra prompts add rows to the one cond/uncond call per step (no separate call), and their
+    predictions equal a separate evaluation of the extra prompt."""
+    pytest.importorskip("guidance.methods.sega")
+    calls = []
+    real = engine.kmodel.apply_model
+
+    def counting(x, t, **c):
+        calls.append(x.shape[0])
+        return real(x, t, **c)
+
+    monkeypatch.setattr(engine.kmodel, "apply_model", counting)
+    guided, p = run(engine, _settings("sega"), prompts=(PROMPT, "a dog"))
+    assert calls == [2 + 2 + 2] * p.steps  # uncond chunk, cond chunk, one block of extra rows
+
+
+def test_hires_pass_prepares_idempotently(engine):
+    settings = _settings("scfg")
+    latent, p = run(engine, settings, hires=True)
+    assert latent.shape == (1, 4, 16, 16)
+    assert not state_of(p).failed
+    # preparing twice in a row leaves exactly one set of functions on one clone
+    p = Processing(engine, [PROMPT], [1], is_hr_pass=True, hr_uc=torch.zeros(1))
+    state = attach_state(p, settings)
+    adapter = ForgeAdapter()
+    original = engine.forge_objects.unet
+    adapter.prepare(p, state)
+    first = engine.forge_objects.unet
+    adapter.prepare(p, state)
+    second = engine.forge_objects.unet
+    assert first is not original and second is not original and second is not first
+    assert len(second.model_options["sampler_pre_cfg_function"]) == 1
+    assert second.model_options["disable_cfg1_optimization"] is True
+    assert "sampler_pre_cfg_function" not in original.model_options
+    adapter.finish(p)
+    adapter.finish(p)
+    assert engine.forge_objects.unet is original
+
+
+def test_hires_pass_off_when_not_wanted(engine):
+    settings = build_settings(dict(METHODS["scfg"], apply_hires=False))
+    guided, _ = run(engine, settings, hires=True)
+    plain, _ = run(engine, hires=True)
+    assert not torch.equal(guided, plain)  # the first pass was guided
+
+
+def test_img2img(engine):
+    init = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    plain, _ = run(engine, init_latent=init)
+    guided, p = run(engine, _settings("scfg"), init_latent=init)
+    assert (guided - plain).abs().mean() > 1e-4
+    assert not state_of(p).failed
+
+
+@pytest.mark.parametrize("where", ["cfg", "wrapper", "attention"])
+def test_error_in_a_hook_falls_back_to_forge_cfg(engine, monkeypatch, where):
+    plain, _ = run(engine)
+    adapter = ForgeAdapter()
+    original_prepare = adapter.prepare
+
+    def prepare(p, state):
+        original_prepare(p, state)
+        patches = state.active.patches
+
+        def boom(*args, **kwargs):
+            raise RuntimeError("hook exploded")
+
+        if where == "cfg":
+            monkeypatch.setattr(patches.run, "step", boom)
+        elif where == "wrapper":
+            monkeypatch.setattr(patches, "_begin_call", boom)
+        else:
+            monkeypatch.setattr(patches.router, "forward", boom)
+
+    adapter.prepare = prepare
+    guided, p = run(engine, _settings("scfg"), adapter=adapter)
+    state = state_of(p)
+    assert state.failed and state.active is None
+    note = p.extra_generation_params[NOTE_KEY]
+    assert "hook exploded" in note and "Forge's own CFG" in note
+    # the failing call returns the host's formula, every later call is the unpatched host
+    torch.testing.assert_close(guided, plain, atol=1e-4, rtol=1e-4)
+
+
+def test_finish_restores_the_original_unet(engine):
+    p = Processing(engine, [PROMPT], [1], uc=torch.zeros(1))
+    state = attach_state(p, _settings("scfg"))
+    original = engine.forge_objects.unet
+    adapter = ForgeAdapter()
+    adapter.prepare(p, state)
+    clone = engine.forge_objects.unet
+    assert clone is not original and "attn1" in clone.model_options["transformer_options"]["patches_replace"]
+    assert clone.model_options["transformer_options"] is not original.model_options["transformer_options"]
+    adapter.finish(p)
+    assert engine.forge_objects.unet is original
+    assert original.model_options == {"transformer_options": {}}
+    assert state.active is None
+
+
+def test_model_gating_declines_with_a_message():
+    flux = FluxLikeEngine(seed=0)
+    plain, _ = run(flux)
+    guided, p = run(flux, _settings("scfg"))
+    assert torch.equal(plain, guided)
+    note = p.extra_generation_params[NOTE_KEY]
+    assert "no classic CFG" in note and "generated normally" in note
+
+
+def test_cfg_one_declines_uncond_methods(engine):
+    plain, _ = run(engine, cfg=1.0)
+    guided, p = run(engine, _settings("scfg"), cfg=1.0)
+    assert torch.equal(plain, guided)
+    assert "CFG scale 1" in p.extra_generation_params[NOTE_KEY]
+
+
+def test_find_columns_through_the_tokenizer(engine):
+    find = column_finder(engine)
+    columns = find("a photo of a red cat, BREAK a dog", ["red cat", "dog", "horse"])
+    assert columns == {"red cat": [5, 6], "dog": [79], "horse": []}
