@@ -103,8 +103,8 @@ def test_batch_two_matches_two_single_runs(engine):
     state = attach_state(p, settings)
     adapter = ForgeAdapter()
     alone = generate(p, (lambda p: adapter.prepare(p, state),), (adapter.finish,))
-    torch.testing.assert_close(both[1], alone[0], atol=1e-3, rtol=1e-3)
-    assert (both[1] - alone[0]).abs().mean() < 2e-5
+    torch.testing.assert_close(both[1], alone[0], atol=2e-3, rtol=2e-3)
+    assert (both[1] - alone[0]).abs().mean() < 5e-5
 
 
 def test_extra_rows_ride_in_the_main_unet_call(engine, monkeypatch):
@@ -204,6 +204,20 @@ def test_finish_restores_the_original_unet(engine):
     assert engine.forge_objects.unet is original
     assert original.model_options == {"transformer_options": {}}
     assert state.active is None
+
+
+def test_reset_removes_a_run_that_never_finished(engine):
+    """A generation that raised skips postprocess; the next one's `process` calls reset()."""
+    p = Processing(engine, [PROMPT], [1], uc=torch.zeros(1))
+    state = attach_state(p, _settings("scfg"))
+    original = engine.forge_objects.unet
+    adapter = ForgeAdapter()
+    adapter.register_callbacks()
+    adapter.prepare(p, state)
+    patches = state.active.patches
+    adapter.reset()
+    assert engine.forge_objects.unet is original and not patches.enabled
+    adapter.reset()
 
 
 def test_model_gating_declines_with_a_message():

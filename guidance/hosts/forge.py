@@ -80,32 +80,12 @@ def encode_prompts(p, texts: list[str], cache: dict) -> list:
     return [cache[(text, width, height)] for text in texts]
 
 
-def _phrase_columns(prompt, phrases, chunks, words) -> dict[str, list[int]]:
-    """Context columns of each phrase: its token ids searched in every chunk of the prompt."""
-    prompt_chunks = chunks(prompt)
-    found: dict[str, list[int]] = {}
-    for phrase in phrases:
-        ids = words(phrase)
-        columns: list[int] = []
-        offset = 0
-        for chunk in prompt_chunks:
-            for start in range(len(chunk) - len(ids) + 1) if ids else ():
-                if chunk[start : start + len(ids)] == ids:
-                    columns.extend(range(offset + start, offset + start + len(ids)))
-            offset += len(chunk)
-        found[phrase] = columns
-    return found
-
-
 def column_finder(model):
     """phrase → context columns through Forge's text processing engine (forge.md §3.6)."""
     engine = getattr(model, "text_processing_engine", None) or getattr(model, "text_processing_engine_l", None)
     if engine is None or not hasattr(engine, "tokenize_line"):
         return None
-    try:
-        from ..prompts import phrase_columns
-    except ImportError:
-        phrase_columns = _phrase_columns
+    from ..prompts import phrase_columns
 
     def chunks(text: str) -> list[list[int]]:
         return [list(chunk.tokens) for chunk in engine.tokenize_line(text)[0]]
@@ -132,6 +112,17 @@ def _step_source(p):
 
 class ForgeAdapter:
     host = "forge"
+
+    def __init__(self):
+        self._current: ForgeRun | None = None  # the run whose clone may still be assigned
+
+    def register_callbacks(self) -> None:
+        """Forge needs no global callbacks: everything lives on the run's UnetPatcher clone."""
+
+    def reset(self) -> None:
+        """Remove whatever an earlier generation left patched (one that raised skips finish)."""
+        if self._current is not None:
+            self._remove(self._current)
 
     def prepare(self, p, state) -> None:
         self.finish(p)  # the hires pass calls this again, before and after Forge resets the UNet
@@ -162,7 +153,7 @@ class ForgeAdapter:
         clone = original.clone()
         patches = ForgePatches(planned, extra_conds, _step_source(p), lambda error: self._fail(p, error))
         patches.install(clone)
-        state.active = ForgeRun(p=p, original=original, clone=clone, patches=patches)
+        state.active = self._current = ForgeRun(p=p, original=original, clone=clone, patches=patches)
         p.sd_model.forge_objects.unet = clone
 
     def finish(self, p) -> None:
@@ -171,10 +162,15 @@ class ForgeAdapter:
         if not isinstance(run, ForgeRun):
             return
         state.active = None
+        self._remove(run)
+
+    def _remove(self, run: ForgeRun) -> None:
+        if self._current is run:
+            self._current = None
         run.patches.enabled = False  # copies held by other extensions' clones act like the host
         if run.patches.router is not None:
             run.patches.router.end()
-        objects = getattr(p.sd_model, "forge_objects", None)
+        objects = getattr(run.p.sd_model, "forge_objects", None)
         if objects is not None and objects.unet is run.clone:
             objects.unet = run.original
 
