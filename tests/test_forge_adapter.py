@@ -104,7 +104,7 @@ def test_batch_two_matches_two_single_runs(engine):
     adapter = ForgeAdapter()
     alone = generate(p, (lambda p: adapter.prepare(p, state),), (adapter.finish,))
     torch.testing.assert_close(both[1], alone[0], atol=2e-3, rtol=2e-3)
-    assert (both[1] - alone[0]).abs().mean() < 5e-5
+    assert (both[1] - alone[0]).abs().mean() < 2e-4
 
 
 def test_extra_rows_ride_in_the_main_unet_call(engine, monkeypatch):
