@@ -72,6 +72,7 @@ class SemanticFidelityScript(scripts.Script):
 
     def process(self, p, *args):
         """Validate the settings once per generation; bad input is reported, never raised."""
+        ADAPTER.reset()  # a generation that raised never reached postprocess: nothing of it may stay
         # XYZ cells share one extra_generation_params dict: no key of an earlier cell may stay
         for key in [k for k in p.extra_generation_params if k.startswith(params.INFOTEXT_PREFIX)]:
             del p.extra_generation_params[key]

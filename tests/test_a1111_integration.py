@@ -253,3 +253,47 @@ def test_xyz_axes_override_the_ui_values(host):
     assert "Semantic Fidelity concept scale: 12" in cells[1].infotexts[0]
     assert "gold clock" in cells[0].infotexts[0] and "red book" in cells[1].infotexts[0]
     assert (cells[0].images[0] - cells[1].images[0]).abs().max() > 1e-3
+
+
+def test_a_generation_that_raises_leaves_nothing_for_the_next(host, monkeypatch):
+    from modules import sd_samplers_cfg_denoiser
+
+    original = sd_samplers_cfg_denoiser.CFGDenoiser.forward
+
+    def fails_at_step_two(self, *args, **kwargs):
+        if self.step == 2:
+            raise ValueError("host failure")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(sd_samplers_cfg_denoiser.CFGDenoiser, "forward", fails_at_step_two)
+    with pytest.raises(ValueError, match="host failure"):
+        host.generate(args=_settings_args(host, *METHOD_ARGS), prompt=PROMPT, **SIZE)
+    assert host.leftover_patches() != []  # the host skipped postprocess
+    monkeypatch.setattr(sd_samplers_cfg_denoiser.CFGDenoiser, "forward", original)
+    baseline = host.generate(extension=False, prompt=PROMPT, **SIZE)
+    processed = host.generate(prompt=PROMPT, **SIZE)  # disabled: process() cleans up first
+    assert host.leftover_patches() == []
+    assert torch.equal(_images(processed), _images(baseline))
+
+
+@pytest.mark.parametrize("model_change", ["edit", "alternative-unet"])
+def test_unsupported_models_are_declined_with_a_message(host, model_change, capsys):
+    from modules import sd_unet
+
+    baseline = host.generate(extension=False, prompt=PROMPT, **SIZE)
+    model = host.shared.sd_model
+    try:
+        if model_change == "edit":
+            model.cond_stage_key = "edit"
+        else:
+            sd_unet.current_unet = object()
+        processed = host.generate(args=_settings_args(host, *METHOD_ARGS), prompt=PROMPT, **SIZE)
+    finally:
+        model.__dict__.pop("cond_stage_key", None)
+        sd_unet.current_unet = None
+    assert torch.equal(_images(processed), _images(baseline))
+    err = capsys.readouterr().err
+    expected = "InstructPix2Pix" if model_change == "edit" else "alternative UNet"
+    assert err.count("Semantic Fidelity:") == 1 and expected in err
+    assert expected in processed.infotexts[0]
+    _assert_clean(host, processed)

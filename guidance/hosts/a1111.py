@@ -103,6 +103,9 @@ class A1111Adapter:
 
     def __init__(self):
         self._cond_cache = [None, None]  # the processing object's cache protocol: [params, conds]
+        # the run in progress, also reachable when its generation died with an exception (the host
+        # then skips postprocess, pitfall 9) so that the next generation can remove its patches
+        self._current: ActiveRun | None = None
 
     # -- registration (script import) ----------------------------------------------------------
     def register_callbacks(self) -> None:
@@ -139,7 +142,7 @@ class A1111Adapter:
         active = ActiveRun(p=p, denoiser=denoiser, planned=planned, space=_prediction_space(denoiser))
         if planned.run.extra_rows:
             active.schedules = encode_extra_prompts(p, [row.text for row in planned.run.extra_rows], self._cond_cache)
-        state.active = active
+        state.active = self._current = active
         denoiser.combine_denoised = self._combine_for(active)
         # the UNet wrapper counts each call's rows (skipped uncond shows as a short batch) and tells
         # the attention router, when there is one, which rows a call holds
@@ -148,11 +151,21 @@ class A1111Adapter:
     def finish(self, p) -> None:
         state = state_of(p)
         active = getattr(state, "active", None) if state is not None else None
-        if active is None:
-            return
-        state.active = None
+        if active is not None:
+            state.active = None
+            self._remove(active)
+
+    def reset(self) -> None:
+        """Remove whatever an earlier generation left patched (one that raised skips finish)."""
+        if self._current is not None:
+            self._remove(self._current)
+
+    def _remove(self, active: ActiveRun) -> None:
+        if self._current is active:
+            self._current = None
         active.denoiser.__dict__.pop("combine_denoised", None)
-        active.routing.remove()
+        if active.routing is not None:
+            active.routing.remove()
 
     def _fail(self, active: ActiveRun, error: Exception) -> None:
         state = state_of(active.p)
