@@ -1,0 +1,1 @@
+"""Benchmark (run by hand): python -m tests.bench --help."""
