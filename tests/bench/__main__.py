@@ -184,7 +184,7 @@ def main(argv=None) -> int:
                 print(f"\n{model}, latent {size}x{size}, batch {batch} ({time.perf_counter() - section:.0f} s)")
                 print("\n".join(lines))
                 print("\n".join(ratios), flush=True)
-            del bench
+            bench.close()
     print(f"\nwall time {time.perf_counter() - started:.0f} s")
     return 0
 

@@ -102,10 +102,10 @@ _placed: dict = {}
 def place_stand_in(device: str) -> None:
     """Make the stand-in host's CPU-built tensors (noise, conditioning, sigma schedule) follow the
     UNet's device. Harness-only patches of the stand-in classes; nothing on CPU changes."""
-    if device == "cpu" or _placed.get("device") == device:
-        return
     from modules import processing, sd_models
 
+    if device == "cpu" or _placed.get(id(processing)) == device:  # once per import of the stand-in
+        return
     from tests.testbed import sampling
 
     noise = processing.StableDiffusionProcessing.noise
@@ -135,7 +135,7 @@ def place_stand_in(device: str) -> None:
     sd_models.StandInSdModel.get_learned_conditioning = encode_on_device
     sampling.CompVisEpsDenoiser.__init__ = init_on_device
     sampling.CompVisEpsDenoiser.get_sigmas = sigmas_on_device
-    _placed["device"] = device
+    _placed[id(processing)] = device
 
 
 class StepTimer:
@@ -189,6 +189,12 @@ class Bench:
         model = self.host.shared.sd_model
         model.cond_stage_model_empty_prompt = model.cond_stage_model_empty_prompt.to(self.device)
         self.timer = StepTimer(self.device)
+
+    def close(self) -> None:
+        """Back to plain `modules` (the stand-in's sys.path entry and modules removed)."""
+        if self._modules is not None:
+            self._modules.__exit__(None, None, None)
+            self._modules = None
 
     def autocast(self):
         if self.device.startswith("cuda") and self.dtype != torch.float32:
