@@ -219,10 +219,10 @@ def _ui_value(param: params.Param, value: Any) -> Any:
 
 
 def _listen(component, event: str, fn, inputs: list, outputs: list) -> None:
-    """A light, unqueued listener without progress animation; on gradio 4 the last of a burst of
+    """A light, unqueued listener without progress animation or API endpoint; on gradio 4 the last of a burst of
     events always runs (its default for user events drops those that arrive while one runs)."""
     listener = getattr(component, event)
-    options: dict[str, Any] = {"queue": False, "show_progress": "hidden"}
+    options: dict[str, Any] = {"queue": False, "show_progress": "hidden", "api_name": False}
     if "trigger_mode" in inspect.signature(listener).parameters:
         options["trigger_mode"] = "always_last"
     listener(fn, inputs=inputs, outputs=outputs, **options)
@@ -339,7 +339,9 @@ def _build_section(script, is_img2img: bool, section: str, section_params: Seque
             if prompt is None:  # no prompt box to read from in this host
                 button.visible = False
             else:
-                button.click(detect_concepts, inputs=[prompt, box], outputs=[box], show_progress="hidden")
+                button.click(
+                    detect_concepts, inputs=[prompt, box], outputs=[box], show_progress="hidden", api_name=False
+                )
             components["_detect"] = button
         else:
             components[param.key] = _component(param, script.elem_id(param.key))

@@ -381,7 +381,7 @@ def test_slot_events_are_user_only_and_nothing_listens_to_refreshed_slots(tab, p
     assert set(refresh["outputs"]) - slot_ids == {tab.by_id("sega_edits_echo")._id}
     for output in refresh["outputs"]:  # what the refresh writes fires nothing
         assert not [d for d in tab.demo.dependencies if d["trigger"] == "change" and output in d["targets"]]
-    assert refresh["queue"] is False and refresh["show_progress"] == "hidden" and refresh["api_name"] is None
+    assert refresh["queue"] is False and refresh["show_progress"] == "hidden" and refresh["api_name"] is False
 
 
 def test_text_fills_four_slots_and_slots_rewrite_their_line(tab, params, ui):
