@@ -92,13 +92,21 @@ def verdict(value: float, target: float | None) -> str:
     return "PASS" if value <= target else "MISS"
 
 
+def spread(result: Result, plain: Result) -> str:
+    """The time ratio of each round on its own (same round's plain CFG): min-max, to see the noise."""
+    per_round = [sum(a) / sum(b) for a, b in zip(result.runs, plain.runs, strict=False) if sum(b) > 0]
+    if len(per_round) < 2:
+        return "-"
+    return f"{min(per_round):.2f}-{max(per_round):.2f}"
+
+
 def table(results: dict[str, Result], label: str, memory_kind: str) -> tuple[list[str], list[str]]:
     plain = results["plain-cfg"]
     plain_time = plain.step_time
     plain_memory = statistics.median(plain.memory) if plain.memory else float("nan")
     header = (
         f"{'configuration':<24}{'K':>4}{'step ms':>10}{memory_kind + ' MiB':>12}"
-        f"{'time x':>8}{'target':>8}{'':>6}{'mem x':>8}{'target':>8}{'':>6}"
+        f"{'time x':>8}{'target':>8}{'':>6}{'rounds x':>12}{'mem x':>8}{'target':>8}{'':>6}"
     )
     lines, ratios = [header, "-" * len(header)], []
     for name, result in results.items():
@@ -113,6 +121,7 @@ def table(results: dict[str, Result], label: str, memory_kind: str) -> tuple[lis
         lines.append(
             f"{name + '/b' + str(result.batch):<24}{k:>4}{step * 1e3:>10.1f}{memory / 2**20:>12.1f}"
             f"{t_ratio:>8.2f}{'<=' + format(t_target, '.2f') if t_target else '-':>8}{verdict(t_ratio, t_target):>6}"
+            f"{spread(result, plain):>12}"
             f"{m_ratio:>8.2f}{'<=' + format(m_target, '.2f') if m_target else '-':>8}{verdict(m_ratio, m_target):>6}"
         )
         if name != "plain-cfg":
