@@ -4,6 +4,10 @@ import torch
 from tests.testbed.sampling import CompVisEpsDenoiser
 from tests.testbed.unet import make_unet
 
+# The test bed's tensors are tiny: intra-op threads only add synchronisation, and on a loaded
+# machine their spin-waits make whole runs tens of times slower.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def tiny_unet():
