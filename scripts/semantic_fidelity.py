@@ -70,6 +70,10 @@ class SemanticFidelityScript(scripts.Script):
         self.paste_field_names = [p.infotext_key for p in params.PARAMS]
         return components
 
+    def after_component(self, component, **kwargs):
+        # the host hands over every component it builds: the UI keeps the tab's prompt box for Detect
+        _ui.after_component(self, component, **kwargs)
+
     def process(self, p, *args):
         """Validate the settings once per generation; bad input is reported, never raised."""
         ADAPTER.reset()  # a generation that raised never reached postprocess: nothing of it may stay
