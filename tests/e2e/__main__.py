@@ -1,6 +1,6 @@
 """End-to-end checks of Semantic Fidelity in a real WebUI, through its HTTP API.
 
-    python -m tests.e2e --host forge [--port 7861] [--no-baseline-restart]
+    python -m tests.e2e --host forge|a1111 [--port N] [--no-baseline-restart]
 
 The host table says how to link the extension into the host and restart it (`link`, `unlink`,
 `restart` commands); a host is added by adding a row. The run:
@@ -9,7 +9,8 @@ The host table says how to link the extension into the host and restart it (`lin
    batch 2, the dict-form API, bad values, disabled ⇒ byte-identical to the baseline, and 20 mixed
    requests followed by a disabled one that must still be byte-identical.
 One line per check (name, PASS/FAIL, seconds), then `N passed, M failed`; exit status 1 on failure.
-For the Forge harness see ../shared/tools/forge-e2e/README.md (`SF_FORGE_HARNESS` overrides its path).
+Harnesses: ../shared/tools/forge-e2e and ../shared/tools/a1111-e2e (`SF_FORGE_HARNESS`,
+`SF_A1111_HARNESS` override their paths).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ SCRIPT_KEY = "semantic fidelity"  # the script's title, lowercased
 PREFIX = "Semantic Fidelity"
 NOTE = f"{PREFIX} note"
 FORGE_HARNESS = os.environ.get("SF_FORGE_HARNESS", str(ROOT.parent / "shared/tools/forge-e2e/forge_e2e.sh"))
+A1111_HARNESS = os.environ.get("SF_A1111_HARNESS", str(ROOT.parent / "shared/tools/a1111-e2e/a1111_e2e.sh"))
 
 HOSTS = {
     "forge": {
@@ -39,6 +41,13 @@ HOSTS = {
         "restart": ["bash", FORGE_HARNESS, "restart"],
         # Forge's API crashes in the hires pass without this, and runs it without uncond at hr_cfg 1
         "hires_extra": {"hr_additional_modules": ["Use same choices"], "hr_cfg": 7},
+    },
+    "a1111": {
+        "port": 7862,
+        "link": ["bash", A1111_HARNESS, "link-ext", str(ROOT), NAME],
+        "unlink": ["bash", A1111_HARNESS, "unlink-ext", NAME],
+        "restart": ["bash", A1111_HARNESS, "restart"],
+        "hires_extra": {},
     },
 }
 
