@@ -2,8 +2,6 @@
 whole generations through Forge's sampling function order, with the hooks called the way Forge
 calls them (twice more for the hires pass)."""
 
-import importlib.util
-
 import pytest
 import torch
 
@@ -13,10 +11,6 @@ from guidance.params import build_settings
 from tests.testbed.forge import FluxLikeEngine, ForgeDiffusionEngine, Processing, generate
 
 PROMPT = "a photo of a red cat on a wooden table"
-
-
-def _has(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
 
 
 @pytest.fixture(scope="module")
@@ -51,12 +45,9 @@ METHODS = {
     "sega": dict(enable=True, sega_enable=True, sega_edits="+ sunglasses : 5"),
     "concepts": dict(enable=True, concepts_enable=True, concepts="red cat; wooden table", concept_warmup=0.0),
 }
-NEEDS = {"sega": "guidance.methods.sega", "concepts": "guidance.methods.concept_steering"}
 
 
 def _settings(method):
-    if method in NEEDS and not _has(NEEDS[method]):
-        pytest.skip(f"{NEEDS[method]} has not landed yet")
     return build_settings(METHODS[method])
 
 
@@ -83,8 +74,6 @@ def test_each_method_changes_the_image(engine, method):
 def test_all_methods_together_batch_two(engine):
     values = {}
     for method in METHODS:
-        if method in NEEDS and not _has(NEEDS[method]):
-            continue
         values.update(METHODS[method])
     prompts = (PROMPT, "a red cat in a garden")
     plain, _ = run(engine, prompts=prompts)
@@ -97,20 +86,20 @@ def test_all_methods_together_batch_two(engine):
 
 def test_batch_two_matches_two_single_runs(engine):
     """Rows of one image never leak into the other: image 2 of a batch equals its own run."""
-    settings = build_settings(METHODS["scfg"])
+    # concept steering: per-image extra rows and state; S-CFG's argmax masks could flip on the
+    # rounding differences between a batch of 2 and a batch of 1, which says nothing about leaks
+    settings = build_settings(METHODS["concepts"])
     both, _ = run(engine, settings, prompts=(PROMPT, "a blue bird"))
     p = Processing(engine, ["a blue bird"], [12])
     state = attach_state(p, settings)
     adapter = ForgeAdapter()
     alone = generate(p, (lambda p: adapter.prepare(p, state),), (adapter.finish,))
-    torch.testing.assert_close(both[1], alone[0], atol=2e-3, rtol=2e-3)
-    assert (both[1] - alone[0]).abs().mean() < 2e-4
+    torch.testing.assert_close(both[1], alone[0], atol=1e-4, rtol=1e-4)
 
 
 def test_extra_rows_ride_in_the_main_unet_call(engine, monkeypatch):
     """Extra prompts add rows to the one cond/uncond call per step (no separate call), and their
     predictions equal a separate evaluation of the extra prompt."""
-    pytest.importorskip("guidance.methods.sega")
     calls = []
     real = engine.kmodel.apply_model
 
