@@ -84,3 +84,22 @@ def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, atol: 
         f"{name}: max |a-b| {float(error.max()):.3g}; worst at flat index {worst}: "
         f"{float(actual.flatten()[worst]):.8g} vs {float(expected.flatten()[worst]):.8g}"
     )
+
+
+def check_on_copied_folder(method: str, check_case, tmp_path: Path, monkeypatch) -> None:
+    """The module's checks, unchanged, on a copy of the method's folder named by SF_REFERENCE_DIR;
+    then a missing folder must raise."""
+    import shutil
+
+    shutil.copytree(reference_dir() / method, tmp_path / method)
+    monkeypatch.setenv("SF_REFERENCE_DIR", str(tmp_path))
+    cases = discover(method)
+    assert cases and all(tmp_path in case.json_path.parents for case in cases)
+    for case in cases:
+        check_case(case)
+    monkeypatch.setenv("SF_REFERENCE_DIR", str(tmp_path / "missing"))
+    try:
+        discover(method)
+    except MissingReference:
+        return
+    raise AssertionError(f"a missing reference folder did not raise for {method}")

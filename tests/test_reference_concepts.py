@@ -1,14 +1,11 @@
 """Concept steering against the authors' recorded numbers (shared/reference/README.md §4), one test
 per case. Steps, concepts and shapes come from each case's JSON and tensors (SF_REFERENCE_DIR)."""
 
-import shutil
-
 import pytest
 import torch
 
 from guidance.methods.concept_steering import ConceptSchedule, concept_step
-from tests import reference_cases
-from tests.reference_cases import assert_close, case_params, discover
+from tests.reference_cases import assert_close, case_params, check_on_copied_folder, discover
 
 CONTINUOUS = {"atol": 1e-5, "rtol": 1e-5}  # README §7
 SIMILARITY = {"atol": 1e-6}
@@ -85,16 +82,7 @@ def test_concept_steering_reproduces_the_recorded_case(case):
 
 
 def test_cases_run_from_another_folder_and_a_missing_folder_raises(tmp_path, monkeypatch):
-    copy = tmp_path / "elsewhere"
-    shutil.copytree(reference_cases.reference_dir(), copy)
-    monkeypatch.setenv("SF_REFERENCE_DIR", str(copy))
-    cases = discover("concept_diffusion")
-    assert cases and all(copy in case.json_path.parents for case in cases)
-    for case in cases:
-        check_case(case)
-    monkeypatch.setenv("SF_REFERENCE_DIR", str(tmp_path / "missing"))
-    with pytest.raises(reference_cases.MissingReference):
-        discover("concept_diffusion")
+    check_on_copied_folder("concept_diffusion", check_case, tmp_path, monkeypatch)
 
 
 def test_float16_inputs_are_accepted_and_close_to_float32():

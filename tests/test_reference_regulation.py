@@ -1,14 +1,12 @@
 """Attention regulation against the authors' recorded numbers (reference/attention_regulation,
 README §6 and §7). Shapes, batch, heads, targets and steps all come from the case files."""
 
-import shutil
-
 import pytest
 import torch
 
 from guidance.attention_routing import LayerKey
 from guidance.methods.attention_regulation import AttentionRegulator, bump_basis, edited_probabilities
-from tests.reference_cases import MissingReference, assert_close, case_params, discover, reference_dir
+from tests.reference_cases import assert_close, case_params, check_on_copied_folder
 
 LAYER = LayerKey("input", 7, 0, "cross")
 
@@ -90,12 +88,4 @@ def test_regulation_reproduces_the_authors(case):
 
 
 def test_regulation_runs_on_a_copied_reference_folder(tmp_path, monkeypatch):
-    shutil.copytree(reference_dir() / "attention_regulation", tmp_path / "attention_regulation")
-    monkeypatch.setenv("SF_REFERENCE_DIR", str(tmp_path))
-    cases = discover("attention_regulation")
-    assert cases and all(str(c.json_path).startswith(str(tmp_path)) for c in cases)
-    for case in cases:
-        check_case(case)
-    monkeypatch.setenv("SF_REFERENCE_DIR", str(tmp_path / "missing"))
-    with pytest.raises(MissingReference):
-        discover("attention_regulation")
+    check_on_copied_folder("attention_regulation", check_case, tmp_path, monkeypatch)

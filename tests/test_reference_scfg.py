@@ -3,15 +3,13 @@
 Every shape and count comes from the case files, so other recorded cases of the same layout (other
 sizes, batch 2, non-square latents, more objects) run through the same checks."""
 
-import shutil
-
 import pytest
 import torch
 
 from guidance.attention_routing import CallRows, LayerKey, map_size
 from guidance.engine import ImageStep
 from guidance.methods.scfg import RegionScales
-from tests.reference_cases import MissingReference, assert_close, case_params, discover
+from tests.reference_cases import assert_close, case_params, check_on_copied_folder
 
 CONTINUOUS = (
     "ca_normalized",
@@ -73,20 +71,5 @@ def test_scfg_reproduces_the_authors(case):
     print(case.id, {k: f"{v:.2g}" for k, v in worst.items()})
 
 
-def test_scfg_runs_on_a_copied_reference_folder(tmp_path, monkeypatch, reference_source):
-    shutil.copytree(reference_source / "s_cfg", tmp_path / "s_cfg")
-    monkeypatch.setenv("SF_REFERENCE_DIR", str(tmp_path))
-    cases = discover("s_cfg")
-    assert cases and all(str(c.json_path).startswith(str(tmp_path)) for c in cases)
-    for case in cases:
-        check_case(case)
-    monkeypatch.setenv("SF_REFERENCE_DIR", str(tmp_path / "missing"))
-    with pytest.raises(MissingReference):
-        discover("s_cfg")
-
-
-@pytest.fixture
-def reference_source():
-    from tests.reference_cases import reference_dir
-
-    return reference_dir()
+def test_scfg_runs_on_a_copied_reference_folder(tmp_path, monkeypatch):
+    check_on_copied_folder("s_cfg", check_case, tmp_path, monkeypatch)
