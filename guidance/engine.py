@@ -81,6 +81,14 @@ class ImageStep:
     direction: torch.Tensor  # Σ_j w_j (eps_cond_j − eps_uncond), before region scales
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # source -> (k, C, H, W)
 
+    def predictions(self, source: str, count: int, what: str) -> torch.Tensor:
+        """The `count` extra-row predictions a method asked for, or a clear error naming `what`."""
+        found = self.extra.get(source)
+        if found is None or found.shape[0] != count:
+            got = "none" if found is None else found.shape[0]
+            raise GuidanceError(f"{what}: expected {count} predictions, got {got}")
+        return found
+
 
 class RegionScale(Protocol):
     """Scales the CFG direction per position (S-CFG)."""

@@ -132,7 +132,7 @@ def test_non_finite_predictions_raise_a_clear_error(eps_denoiser):
 def test_missing_concept_rows_are_reported():
     steering = ConceptSteering.from_settings(concept_settings(), ["cat", "hat"])
     image_step = ImageStep(0, 0, 10, CFG, _noise(4, 8, 8), _noise(4, 8, 8), {"concepts": _noise(1, 4, 8, 8)})
-    with pytest.raises(GuidanceError, match="expected 2 concept predictions, got 1"):
+    with pytest.raises(GuidanceError, match="concept steering: expected 2 predictions, got 1"):
         steering.term(image_step)
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..engine import GuidanceError, ImageStep, schedule_index
+from ..engine import ImageStep, schedule_index
 from ..params import Settings
 from .sparsify import FiniteCheck, compute_dtype, quantile_tail
 
@@ -201,10 +201,7 @@ class ConceptSteering:
         return acting
 
     def term(self, image_step: ImageStep) -> torch.Tensor | None:
-        eps_concepts = image_step.extra.get(self.source)
-        if eps_concepts is None or eps_concepts.shape[0] != len(self.concepts):
-            got = "none" if eps_concepts is None else eps_concepts.shape[0]
-            raise GuidanceError(f"concept steering: expected {len(self.concepts)} concept predictions, got {got}")
+        eps_concepts = image_step.predictions(self.source, len(self.concepts), "concept steering")
         step, total = image_step.step, image_step.total_steps
         self._finite.watch([image_step.eps_uncond, image_step.direction, eps_concepts], step, total)
         dtype = compute_dtype(image_step.eps_uncond)

@@ -156,10 +156,7 @@ class SegaEdits:
         return any(is_live and spec.warm(step) for is_live, spec in zip(live, specs, strict=True))
 
     def term(self, image_step: ImageStep) -> torch.Tensor | None:
-        eps_edits = image_step.extra.get(self.source)
-        if eps_edits is None or eps_edits.shape[0] != len(self.edits):
-            got = "none" if eps_edits is None else eps_edits.shape[0]
-            raise GuidanceError(f"SEGA edits: expected {len(self.edits)} edit predictions, got {got}")
+        eps_edits = image_step.predictions(self.source, len(self.edits), "SEGA edits")
         step, total = image_step.step, image_step.total_steps
         self._finite.watch([image_step.eps_uncond, image_step.direction, eps_edits], step, total)
         result = sega_step(
