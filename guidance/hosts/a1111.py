@@ -19,7 +19,7 @@ from ..planning import PlannedRun, plan_run
 from .a1111_attention import UNetRouting
 from .a1111_conds import append_rows, conds_for_step, encode_extra_prompts
 from .a1111_rows import step_inputs
-from .common import batch_images, pass_is_wanted, report, state_of
+from .common import batch_images, report, settings_for_pass, state_of
 
 
 @dataclass
@@ -123,12 +123,8 @@ class A1111Adapter:
     # -- lifecycle ---------------------------------------------------------------------------
     def prepare(self, p, state) -> None:
         self.finish(p)  # the hires pass and every new batch get a fresh run
-        settings = state.settings
-        if not pass_is_wanted(p, settings):
-            return
-        reason = decline_reason(p)
-        if reason is not None:
-            report(p, reason)
+        settings = settings_for_pass(p, state, decline_reason)
+        if settings is None:
             return
         prompts = getattr(p, "hr_prompts", None) if getattr(p, "is_hr_pass", False) else None
         images = batch_images(p, prompts=prompts)

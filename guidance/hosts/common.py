@@ -60,3 +60,16 @@ def batch_images(p, prompts=None, seeds=None) -> list[ImageInfo]:
 def pass_is_wanted(p, settings: Settings) -> bool:
     """The hires pass runs the methods only when 'Apply in the hires-fix pass' is on."""
     return settings.apply_hires or not getattr(p, "is_hr_pass", False)
+
+
+def settings_for_pass(p, state: GenerationState, decline_reason) -> Settings | None:
+    """The settings this sampler pass runs with, or None when the pass is left to the host: the
+    hires pass with its switch off, or a model the methods cannot act on (`decline_reason(p)`
+    says why; reported once)."""
+    if not pass_is_wanted(p, state.settings):
+        return None
+    reason = decline_reason(p)
+    if reason is not None:
+        report(p, reason)
+        return None
+    return state.settings

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from ..params import METHOD_SWITCHES
 from ..planning import plan_run
-from .common import batch_images, pass_is_wanted, report, state_of
+from .common import batch_images, report, settings_for_pass, state_of
 from .forge_patches import ForgePatches
 
 UNCOND_METHODS = ("concepts", "sega", "scfg")  # they steer against the uncond prediction
@@ -126,12 +126,8 @@ class ForgeAdapter:
 
     def prepare(self, p, state) -> None:
         self.finish(p)  # the hires pass calls this again, before and after Forge resets the UNet
-        settings = state.settings
-        if not pass_is_wanted(p, settings):
-            return
-        reason = decline_reason(p)
-        if reason is not None:
-            report(p, reason)
+        settings = settings_for_pass(p, state, decline_reason)
+        if settings is None:
             return
         if not _pass_has_uncond(p):
             dropped = [method for method in UNCOND_METHODS if settings.method_enabled(method)]
