@@ -225,6 +225,47 @@ def main(argv=None) -> int:
 
         return check
 
+    def and_prompt():
+        prompt = "a red cat on a table AND a blue bird in the sky:0.6"
+        images, infotexts = api.generate(with_extension(**METHODS["sega"], **METHODS["scfg"]), prompt=prompt)
+        return _expect(images, infotexts, keys=[INFOTEXT_KEYS["sega"], INFOTEXT_KEYS["scfg"]])
+
+    def long_prompt():
+        # about 150 CLIP tokens (two 77-token chunks) against a short negative: split UNet calls
+        prompt = ", ".join(["a red cat wearing a small hat on a wooden table in a sunny garden"] * 10)
+        values = dict(METHODS["concepts"], **METHODS["sega"], **METHODS["scfg"])
+        images, infotexts = api.generate(with_extension(**values), prompt=prompt, negative_prompt="blurry")
+        return _expect(images, infotexts, keys=[INFOTEXT_KEYS[n] for n in ("concepts", "sega", "scfg")])
+
+    def params_route():
+        schema = api.call("/semantic-fidelity/v1/params")
+        keys = [entry["key"] for entry in schema["params"]]
+        types = {entry["type"] for entry in schema["params"]}
+        if keys[0] != "enable" or "sega_edits" not in keys or len(keys) != len(set(keys)):
+            return f"unexpected keys {keys[:5]}…"
+        return None if types <= {"bool", "int", "float", "str", "choice", "edits"} else f"types {types}"
+
+    def xyz_plot():
+        info = api.call("/sdapi/v1/script-info")
+        xyz = next(s for s in info if s["name"] == "x/y/z plot" and not s["is_img2img"])
+        choices = xyz["args"][0]["choices"]
+        scale = choices.index("[Semantic Fidelity] Concept steering: Concept scale")
+        edits = choices.index("[Semantic Fidelity] SEGA edits: Edits")
+        axes = [scale, "2, 12", [], edits, "+ sunglasses : 5, - blurry : 3", [], 0, "", []]
+        options = [True, True, False, False, False, False, False, 0, True]  # legend, lone images, …, csv
+        values = dict(METHODS["concepts"], concepts="red cat")
+        payload = dict(BASE, script_name="x/y/z plot", script_args=axes + options)
+        payload["alwayson_scripts"] = {SCRIPT_KEY: {"args": [dict({"enable": False}, **values)]}}
+        result = api.call("/sdapi/v1/txt2img", payload)
+        cells = [base64.b64decode(image) for image in result["images"]][1:5]  # the grid comes first
+        infotexts = json.loads(result["info"])["infotexts"][1:5]
+        if len(cells) != 4 or len(set(cells)) != 4:
+            return f"expected 4 different cells, got {len(set(cells))} of {len(cells)}"
+        for needle in ("concept scale: 2", "concept scale: 12", "sunglasses", "blurry"):
+            if not any(needle in text for text in infotexts):
+                return f"no cell infotext carries {needle!r}"
+        return None
+
     def mixed_then_disabled():
         names = list(METHODS)
         for i in range(20):
@@ -258,6 +299,10 @@ def main(argv=None) -> int:
     checks.run(
         "bad value: 1000-character concepts", bad({"concepts_enable": True, "concepts": "cat, " * 200}, "concept")
     )
+    checks.run("AND prompt", and_prompt)
+    checks.run("150-token prompt, short negative", long_prompt)
+    checks.run("params route", params_route)
+    checks.run("X/Y/Z plot over concept scale and edits", xyz_plot)
     checks.run("20 mixed requests, then disabled byte-identical", mixed_then_disabled)
     print(f"{checks.passed} passed, {checks.failed} failed")
     return 1 if checks.failed else 0
