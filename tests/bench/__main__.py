@@ -31,8 +31,12 @@ def parse(argv=None) -> argparse.Namespace:
         "--size", type=int, nargs="+", help="latent sizes (default tiny 16; sd15 32 on CPU, 64 128 on GPU)"
     )
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--repeats", type=int, default=None, help="timing rounds (default 5 quick, 3 full)")
-    parser.add_argument("--steps", type=int, default=None, help="sampling steps per run (default 8; sd15 on CPU 4)")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timing rounds (default 2 quick, 3 full; 1 for sd15 on CPU)"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=None, help="sampling steps per run (default 6, 4 with --quick, 3 for sd15 on CPU)"
+    )
     parser.add_argument("--warmup-steps", type=int, default=1)
     parser.add_argument("--memory-repeats", type=int, default=None, help="CPU memory subprocesses per configuration")
     parser.add_argument(
@@ -165,8 +169,9 @@ def main(argv=None) -> int:
         else:
             sizes = [64, 128] if cuda else [32]
         full_on_cpu = model == "sd15" and not cuda
-        steps = args.steps or (3 if full_on_cpu else 6)
-        repeats = args.repeats or (1 if full_on_cpu else 3)
+        # --quick stays under 3 minutes on a 2-core CPU: fewer steps and rounds for the test bed
+        steps = args.steps or (3 if full_on_cpu else 4 if args.quick else 6)
+        repeats = args.repeats or (1 if full_on_cpu else 2 if args.quick else 3)
         memory_repeats = args.memory_repeats or 1
         for size in sizes:
             load_started = time.perf_counter()
