@@ -39,9 +39,19 @@ class ActiveRun:
     first_cond_rows: tuple[int, ...] = ()
     next_row: int = 0  # first row of the next UNet call
 
+    _sources: tuple | None = None  # (n_cond, device, index tensor), built once per run
+
     @property
     def extra_count(self) -> int:
         return len(self.planned.run.extra_rows)
+
+    def source_rows(self, n_cond: int, device) -> torch.Tensor:
+        """Each extra row's image, as its row in the uncond block: made once, not per step (a new
+        index tensor each step would be a host-to-device copy in the hot path)."""
+        if self._sources is None or self._sources[:2] != (n_cond, device):
+            rows = [n_cond + row.image for row in self.planned.run.extra_rows]
+            self._sources = (n_cond, device, torch.tensor(rows, device=device))
+        return self._sources[2]
 
 
 def decline_reason(p) -> str | None:
@@ -199,7 +209,7 @@ class A1111Adapter:
         extra_rows = active.planned.run.extra_rows
         if extra_rows:
             # each extra row copies its image's uncond-block row (the image's own latent)
-            sources = torch.tensor([n_cond + row.image for row in extra_rows], device=x.device)
+            sources = active.source_rows(n_cond, x.device)
             extra = conds_for_step(active.schedules, range(len(extra_rows)), denoiser.step)
             empty = getattr(denoiser.p.sd_model, "cond_stage_model_empty_prompt", None)
             text_cond = append_rows(text_cond, extra, empty)
