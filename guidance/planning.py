@@ -27,7 +27,6 @@ class PlannedRun:
     run: GuidanceRun
     router: object | None = None  # attention_routing.AttentionRouter when an attention method is on
     notes: list[str] = field(default_factory=list)  # why a method was left out, for console and infotext
-    concepts: list[list[str]] = field(default_factory=list)  # per image, what steering/regulation used
 
     @property
     def acting(self) -> bool:
@@ -103,7 +102,7 @@ def plan_run(
 
         router = AttentionRouter(region_scales=region_scales, regulator=regulator)
     run = GuidanceRun(settings, images, region_scale=region_scales, terms=terms)
-    return PlannedRun(run=run, router=router, notes=notes, concepts=concepts)
+    return PlannedRun(run=run, router=router, notes=notes)
 
 
 def _regulator(settings, images, concepts, find_columns, find_eos, notes):
