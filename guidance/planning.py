@@ -27,6 +27,8 @@ class PlannedRun:
     run: GuidanceRun
     router: object | None = None  # attention_routing.AttentionRouter when an attention method is on
     notes: list[str] = field(default_factory=list)  # why a method was left out, for console and infotext
+    # per image, the concepts found in its prompt when the user gave no list (shown in the infotext)
+    detected_concepts: list[list[str]] = field(default_factory=list)
 
     @property
     def acting(self) -> bool:
@@ -102,7 +104,8 @@ def plan_run(
 
         router = AttentionRouter(region_scales=region_scales, regulator=regulator)
     run = GuidanceRun(settings, images, region_scale=region_scales, terms=terms)
-    return PlannedRun(run=run, router=router, notes=notes)
+    detected = concepts if needs_concepts and not split_phrases(settings.concepts) and any(concepts) else []
+    return PlannedRun(run=run, router=router, notes=notes, detected_concepts=detected)
 
 
 def _regulator(settings, images, concepts, find_columns, find_eos, notes):

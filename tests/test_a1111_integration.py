@@ -221,6 +221,18 @@ def test_an_error_in_the_guidance_step_falls_back_to_host_cfg_once(host, monkeyp
     assert "boom" in processed.infotexts[0]
 
 
+def test_the_infotext_names_the_concepts_detected_in_the_prompt(host):
+    detected = host.generate(args=_settings_args(host, "concepts"), prompt=PROMPT, **SIZE)
+    assert "Semantic Fidelity detected concepts: red book; gold clock" in detected.infotexts[0]
+    regulation_only = host.generate(args=_settings_args(host, "regulation"), prompt=PROMPT, **SIZE)
+    assert "Semantic Fidelity detected concepts: red book; gold clock" in regulation_only.infotexts[0]
+    given = host.generate(args=_settings_args(host, "concepts", concepts="gold clock"), prompt=PROMPT, **SIZE)
+    assert "detected concepts" not in given.infotexts[0]
+    # the key describes one generation: the next one without detection does not inherit it
+    sega = host.generate(args=_settings_args(host, "sega"), prompt=PROMPT, **SIZE)
+    assert "detected concepts" not in sega.infotexts[0]
+
+
 def test_infotext_round_trip(host):
     args = _settings_args(host, "concepts", "sega", "scfg", concept_scale=6.5, sega_momentum=0.3)
     processed = host.generate(args=args, prompt=PROMPT, **SIZE)

@@ -8,6 +8,7 @@ import torch
 from guidance.hosts.common import NOTE_KEY, attach_state, state_of
 from guidance.hosts.forge import ForgeAdapter, column_finder
 from guidance.params import build_settings
+from guidance.prompts import extract_concepts
 from tests.testbed.forge import FluxLikeEngine, ForgeDiffusionEngine, Processing, generate
 
 PROMPT = "a photo of a red cat on a wooden table"
@@ -229,3 +230,11 @@ def test_find_columns_through_the_tokenizer(engine):
     find = column_finder(engine)
     columns = find("a photo of a red cat, BREAK a dog", ["red cat", "dog", "horse"])
     assert columns == {"red cat": [5, 6], "dog": [79], "horse": []}
+
+
+def test_the_infotext_names_the_concepts_detected_in_the_prompt(engine):
+    _, p = run(engine, build_settings(dict(enable=True, concepts_enable=True)))
+    detected = p.extra_generation_params["Semantic Fidelity detected concepts"]
+    assert detected.split("; ") == extract_concepts(PROMPT) and detected
+    _, given = run(engine, _settings("concepts"))
+    assert "Semantic Fidelity detected concepts" not in given.extra_generation_params

@@ -19,7 +19,7 @@ from ..planning import PlannedRun, plan_run
 from .a1111_attention import UNetRouting
 from .a1111_conds import append_rows, conds_for_step, encode_extra_prompts
 from .a1111_rows import step_inputs
-from .common import batch_images, report, settings_for_pass, state_of
+from .common import batch_images, record_plan, report, settings_for_pass, state_of
 
 
 @dataclass
@@ -140,8 +140,7 @@ class A1111Adapter:
         images = batch_images(p, prompts=prompts)
         find_columns, find_eos = _token_finders(p.sd_model)
         planned = plan_run(settings, images, find_columns=find_columns, find_eos=find_eos)
-        for note in planned.notes:
-            report(p, note)
+        record_plan(p, planned)
         if not planned.acting:
             return
         denoiser = p.sampler.model_wrap_cfg

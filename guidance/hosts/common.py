@@ -8,9 +8,11 @@ from dataclasses import dataclass, field
 
 from ..engine import ImageInfo
 from ..params import INFOTEXT_PREFIX, Settings
+from ..prompts import format_phrases
 
 STATE_ATTRIBUTE = "semantic_fidelity_state"
 NOTE_KEY = f"{INFOTEXT_PREFIX} note"
+DETECTED_KEY = f"{INFOTEXT_PREFIX} detected concepts"
 
 
 @dataclass
@@ -45,6 +47,17 @@ def report(p, message: str) -> None:
     if extra is not None:
         notes = state.reported if state is not None else [message]
         extra[NOTE_KEY] = " | ".join(notes)
+
+
+def record_plan(p, planned) -> None:
+    """What the plan of a sampler run tells the user: its notes, and the concepts found in the prompt
+    when no list was given (the first image's: the infotext holds one value for the batch)."""
+    for note in planned.notes:
+        report(p, note)
+    extra = getattr(p, "extra_generation_params", None)
+    detected = next((found for found in planned.detected_concepts if found), None)
+    if extra is not None and detected:
+        extra[DETECTED_KEY] = format_phrases(detected)
 
 
 def batch_images(p, prompts=None, seeds=None) -> list[ImageInfo]:

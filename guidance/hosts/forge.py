@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from ..params import METHOD_SWITCHES
 from ..planning import plan_run
-from .common import batch_images, report, settings_for_pass, state_of
+from .common import batch_images, record_plan, report, settings_for_pass, state_of
 from .forge_patches import ForgePatches
 
 UNCOND_METHODS = ("concepts", "sega", "scfg")  # they steer against the uncond prediction
@@ -139,8 +139,7 @@ class ForgeAdapter:
         hires = getattr(p, "is_hr_pass", False)
         images = batch_images(p, prompts=getattr(p, "hr_prompts", None) if hires else None)
         planned = plan_run(settings, images, find_columns=column_finder(p.sd_model))
-        for note in planned.notes:
-            report(p, note)
+        record_plan(p, planned)
         if not planned.acting:
             return
         cache = state.__dict__.setdefault("forge_encoded", {})

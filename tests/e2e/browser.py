@@ -1,0 +1,276 @@
+"""Browser checks of the `--ui` run: a person's path through the extension in the host's web UI.
+
+Headless Debian Chromium driven by Playwright (`pip install playwright`; `apt-get install chromium`;
+../shared/tools/browser/README.md). Every extension control is found by the elem_id the UI gives it,
+`script_{tab}_semantic_fidelity_{key}`, and read by its params.py kind, so the paste check covers
+every control there is, not a chosen few.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from pathlib import Path
+
+from guidance import params
+
+CHROMIUM = os.environ.get("SF_CHROMIUM", "/usr/bin/chromium")
+PROMPT = "a red book and a gold clock on a wooden table"
+EXPECTED_CONCEPTS = ("red book", "gold clock", "wooden table")
+EDIT_PROMPT = "sunglasses"
+CHANGED_SLIDER = ("concept_scale", 11.5)  # one number moved away from its default, so paste must restore it
+SIZE_AND_STEPS = (("width", "64"), ("height", "64"), ("steps", "4"))
+TIMEOUT_MS = 300_000
+
+
+def control_id(tab: str, key: str) -> str:
+    return f"script_{tab}_semantic_fidelity_{key}"
+
+
+# The value of every control in the page, by params.py kind. The enable switch is the accordion's
+# header checkbox (InputAccordion); the others are gradio blocks with one input inside.
+_READ_CONTROLS = """
+(controls) => {
+  const root = typeof gradioApp === "function" ? gradioApp() : document;
+  const values = {};
+  for (const [key, id, kind] of controls) {
+    const block = root.querySelector("#" + id);
+    if (!block) { values[key] = null; continue; }
+    let input;
+    if (kind === "enable") {
+      input = root.querySelector("#" + id + "-visible-checkbox") || block.querySelector("input[type=checkbox]");
+      values[key] = input ? input.checked : null;
+    } else if (kind === "bool") {
+      input = block.querySelector("input[type=checkbox]");
+      values[key] = input ? input.checked : null;
+    } else if (kind === "int" || kind === "float") {
+      input = block.querySelector("input[type=number]");
+      values[key] = input ? Number(input.value) : null;
+    } else {
+      input = block.querySelector("textarea") || block.querySelector("input");
+      values[key] = input ? input.value : null;
+    }
+  }
+  return values;
+}
+"""
+
+
+def read_controls(page, tab: str) -> dict:
+    controls = [(p.key, control_id(tab, p.key), "enable" if p.key == "enable" else p.kind) for p in params.PARAMS]
+    return page.evaluate(_READ_CONTROLS, controls)
+
+
+def differences(expected: dict, actual: dict) -> list[str]:
+    out = []
+    for key, want in expected.items():
+        got = actual.get(key)
+        same = abs(got - want) < 1e-6 if isinstance(want, float) and isinstance(got, float) else got == want
+        if not same:
+            out.append(f"{key}: {got!r} instead of {want!r}")
+    return out
+
+
+class Session:
+    """One headless Chromium page with the page's errors collected (uncaught exceptions, and console
+    errors with the resource they name)."""
+
+    def __init__(self, url: str):
+        from playwright.sync_api import sync_playwright
+
+        self.url = url
+        self._playwright = sync_playwright().start()
+        self._browser = self._playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        self.page = self._browser.new_page(viewport={"width": 1400, "height": 1100})
+        self.errors: list[str] = []
+        self.page.on("pageerror", lambda error: self.errors.append(f"page error: {error}"))
+        self.page.on("console", self._console)
+
+    def _console(self, message) -> None:
+        if message.type == "error":
+            where = (message.location or {}).get("url", "")
+            self.errors.append(f"console: {message.text} [{where}]")
+
+    def open(self) -> float:
+        started = time.time()
+        self.page.goto(self.url, timeout=TIMEOUT_MS)
+        self.page.wait_for_selector("#txt2img_generate", timeout=TIMEOUT_MS)
+        self.page.wait_for_timeout(1500)  # onUiLoaded callbacks and late resources
+        return time.time() - started
+
+    def close(self) -> None:
+        self._browser.close()
+        self._playwright.stop()
+
+
+def page_errors(url: str) -> list[str]:
+    """The errors a plain page load logs (taken without the extension, as the baseline)."""
+    session = Session(url)
+    try:
+        session.open()
+        session.page.wait_for_timeout(2000)
+        return list(session.errors)
+    finally:
+        session.close()
+
+
+def new_errors(baseline: list[str], seen: list[str]) -> list[str]:
+    """Errors beyond the baseline's, counted as a multiset (the host logs some of its own)."""
+    extra = Counter(seen) - Counter(baseline)
+    return sorted(extra.elements())
+
+
+class PersonPath:
+    """The UI checks, in the order a person works: each method returns None or what went wrong."""
+
+    def __init__(self, url: str, shots: Path | None, host: str, baseline_errors: list[str]):
+        self.session = Session(url)
+        self.page = self.session.page
+        self.shots = shots
+        self.host = host
+        self.baseline_errors = baseline_errors
+        self.used: dict = {}
+        self.infotext = ""
+
+    def _click_tab(self, name: str) -> None:
+        self.page.locator("#tabs > .tab-nav button", has_text=name).first.click()
+        self.page.wait_for_timeout(500)
+
+    def _text_box(self, tab: str, key: str):
+        block = f"#{control_id(tab, key)}"
+        return self.page.locator(f"{block} textarea, {block} input[type=text]").first
+
+    def _set_number(self, selector: str, value: str) -> None:
+        box = self.page.locator(f"{selector} input[type=number]")
+        box.fill(value)
+        box.press("Enter")
+
+    def accordion_in_both_tabs(self) -> str | None:
+        self.session.open()
+        missing = []
+        for tab in ("img2img", "txt2img"):
+            self._click_tab(tab)
+            header = self.page.locator(f"#{control_id(tab, 'enable')} .label-wrap").first
+            if not header.is_visible():
+                missing.append(tab)
+        return f"no visible accordion in {missing}" if missing else None
+
+    def switch_on_detect_and_edit(self) -> str | None:
+        page, tab = self.page, "txt2img"
+        page.fill(f"#{tab}_prompt textarea", PROMPT)
+        for name, value in SIZE_AND_STEPS:
+            self._set_number(f"#{tab}_{name}", value)
+        defaults = read_controls(page, tab)
+        wrong_defaults = differences({p.key: params.ui_value(p, p.default) for p in params.PARAMS}, defaults)
+        if wrong_defaults:
+            return f"controls do not start at their defaults: {wrong_defaults[:4]}"
+
+        page.locator(f"#{control_id(tab, 'enable')} .label-wrap").first.click()  # opening it switches it on
+        page.locator(f"#{control_id(tab, 'concepts_enable')} input[type=checkbox]").check()
+        page.locator(f"#{control_id(tab, 'detect')}").click()
+        page.wait_for_function(
+            "(id) => { const b = document.querySelector('#' + id); const i = b && (b.querySelector('textarea') ||"
+            " b.querySelector('input')); return i && i.value.length > 0; }",
+            arg=control_id(tab, "concepts"),
+            timeout=60_000,
+        )
+        detected = self._text_box(tab, "concepts").input_value()
+        if not all(concept in detected for concept in EXPECTED_CONCEPTS):
+            return f"Detect filled {detected!r}, expected {EXPECTED_CONCEPTS}"
+
+        page.locator(f"#{control_id(tab, 'sega_enable')} input[type=checkbox]").check()
+        self._text_box(tab, "edit1_prompt").fill(EDIT_PROMPT)
+        page.wait_for_function(
+            "([id, word]) => { const b = document.querySelector('#' + id); const t = b && b.querySelector('textarea');"
+            " return t && t.value.includes(word); }",
+            arg=[control_id(tab, "sega_edits"), EDIT_PROMPT],
+            timeout=60_000,
+        )
+        key, value = CHANGED_SLIDER
+        self._set_number(f"#{control_id(tab, key)}", str(value))
+        page.wait_for_timeout(500)
+
+        self.used = read_controls(page, tab)
+        expected_changes = {
+            "enable": True,
+            "concepts_enable": True,
+            "sega_enable": True,
+            "sega_edits": params.format_edits_text([params.Edit(prompt=EDIT_PROMPT)]),
+            key: value,
+        }
+        wrong = differences(expected_changes, self.used)
+        if wrong:
+            return f"controls after the person's changes: {wrong}"
+        if self.shots is not None:
+            self.shots.mkdir(parents=True, exist_ok=True)
+            shot = self.shots / f"{self.host}-accordion.png"
+            page.locator(f"#{control_id(tab, 'enable')}").screenshot(path=str(shot))
+        return None
+
+    def generate_and_read_infotext(self) -> str | None:
+        page, tab = self.page, "txt2img"
+        page.click(f"#{tab}_generate")
+        page.wait_for_selector(f"#{tab}_gallery img", timeout=TIMEOUT_MS)
+        page.wait_for_function(
+            "(id) => { const t = document.querySelector('#' + id + ' textarea');"
+            " return t && t.value.includes('infotexts'); }",
+            arg=f"generation_info_{tab}",
+            timeout=TIMEOUT_MS,
+        )
+        raw = page.locator(f"#generation_info_{tab} textarea").input_value()
+        self.infotext = json.loads(raw)["infotexts"][0]
+        shown = page.locator(f"#html_info_{tab}").inner_text()
+        needed = [
+            f"{params.INFOTEXT_PREFIX} concept steering: True",
+            f"{params.INFOTEXT_PREFIX} SEGA edits:",
+            EDIT_PROMPT,
+            f"{params.INFOTEXT_PREFIX} concept scale: {CHANGED_SLIDER[1]}",
+        ]
+        missing = [n for n in needed if n not in self.infotext]
+        if missing:
+            return f"infotext lacks {missing}: {self.infotext!r}"
+        if f"{params.INFOTEXT_PREFIX} note" in self.infotext:
+            return f"unexpected note: {self.infotext!r}"
+        if EDIT_PROMPT not in shown:
+            return f"the page's infotext panel does not show the edit: {shown[:300]!r}"
+        return None
+
+    def paste_restores_every_control(self) -> str | None:
+        if not self.infotext:
+            return "no infotext from the generation"
+        page, tab = self.page, "txt2img"
+        self.session.open()  # a fresh page: every control back at its default
+        if read_controls(page, tab)["enable"]:
+            return "the reloaded page starts enabled"
+        page.fill(f"#{tab}_prompt textarea", self.infotext)
+        page.locator(f"#{tab}_tools #paste, #{tab}_toprow #paste").first.click()
+        page.wait_for_function(
+            "([sel, prompt]) => { const t = document.querySelector(sel); return t && t.value === prompt; }",
+            arg=[f"#{tab}_prompt textarea", PROMPT],
+            timeout=60_000,
+        )
+        page.wait_for_timeout(1500)  # the controls' own change events (edit slots) settle
+        pasted = read_controls(page, tab)
+        wrong = differences(self.used, pasted)
+        return f"not restored: {wrong}" if wrong else None
+
+    def no_new_page_errors(self) -> str | None:
+        extra = new_errors(self.baseline_errors, self.session.errors)
+        return f"errors the host without the extension does not log: {extra}" if extra else None
+
+    def close(self) -> None:
+        self.session.close()
+
+
+def run(checks, url: str, shots: Path | None, host: str, baseline_errors: list[str]) -> None:
+    path = PersonPath(url, shots, host, baseline_errors)
+    try:
+        checks.run("UI: accordion in txt2img and img2img", path.accordion_in_both_tabs)
+        checks.run("UI: switch on, Detect, add a SEGA edit", path.switch_on_detect_and_edit)
+        checks.run("UI: generate 64x64, 4 steps, read the infotext", path.generate_and_read_infotext)
+        checks.run("UI: paste the infotext restores every control", path.paste_restores_every_control)
+        checks.run("UI: no page errors beyond the host's own", path.no_new_page_errors)
+    finally:
+        path.close()

@@ -1,0 +1,63 @@
+"""The host table: how the runner reaches each real WebUI harness. A host is added by adding a row.
+
+Paths follow the harnesses (../shared/tools/a1111-e2e, ../shared/tools/forge-e2e) and honour the
+same environment overrides they do.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+EXTENSION_NAME = "semantic-fidelity"
+
+
+@dataclass(frozen=True)
+class Host:
+    name: str
+    harness: str  # the harness script
+    port: int
+    root: Path  # the WebUI checkout: install.py's working directory and PYTHONPATH
+    python: str  # the WebUI venv's python
+    ui_variable: str  # set to 1 to make the harness serve the gradio UI too
+    hires_extra: dict = field(default_factory=dict)
+    # cross-attention optimizations to select (the `cross_attention_optimization` option) and run the
+    # attention methods under; empty where the host has no such setting
+    attention_optimizations: tuple[str, ...] = ()
+
+    def command(self, *words: str) -> list[str]:
+        return ["bash", self.harness, *words]
+
+    @property
+    def extension_dir(self) -> Path:
+        return self.root / "extensions" / EXTENSION_NAME
+
+
+def _harness(variable: str, relative: str) -> str:
+    return os.environ.get(variable, str(ROOT.parent / "shared/tools" / relative))
+
+
+HOSTS = {
+    "a1111": Host(
+        name="a1111",
+        harness=_harness("SF_A1111_HARNESS", "a1111-e2e/a1111_e2e.sh"),
+        port=int(os.environ.get("A1111_PORT", 7862)),
+        root=Path(os.environ.get("A1111_DIR", "/tmp/a1111")),
+        python=str(Path(os.environ.get("A1111_VENV", "/tmp/a1111-venv")) / "bin/python"),
+        ui_variable="A1111_UI",
+        # "Automatic" picks InvokeAI on CPU; the others are what GPU users get
+        attention_optimizations=("sdp", "sdp-no-mem", "Doggettx", "Semantic Fidelity SDP"),
+    ),
+    "forge": Host(
+        name="forge",
+        harness=_harness("SF_FORGE_HARNESS", "forge-e2e/forge_e2e.sh"),
+        port=int(os.environ.get("FORGE_PORT", 7861)),
+        root=Path(os.environ.get("FORGE_DIR", "/tmp/forge")),
+        python=str(Path(os.environ.get("FORGE_VENV", "/tmp/forge-venv")) / "bin/python"),
+        ui_variable="FORGE_UI",
+        # Forge's API crashes in the hires pass without this, and runs it without uncond at hr_cfg 1
+        hires_extra={"hr_additional_modules": ["Use same choices"], "hr_cfg": 7},
+    ),
+}
