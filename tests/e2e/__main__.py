@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     api = Api(host.port)
     checks = Checks()
     baseline: dict[str, bytes] = {}
-    baseline_page_errors: list[str] = []
+    baseline_page_errors: list[list[str]] = []
     started = time.time()
 
     def harness(*words):
@@ -62,8 +62,8 @@ def main(argv=None) -> int:
         if args.ui:
             from . import browser
 
-            baseline_page_errors.extend(browser.page_errors(api.url))
-            print(f"    the host's own page errors: {baseline_page_errors or 'none'}", flush=True)
+            baseline_page_errors.extend(browser.host_path_errors(api.url))
+            print(f"    the host's own page errors, load by load: {baseline_page_errors}", flush=True)
         return None
 
     def install():

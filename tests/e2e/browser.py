@@ -74,8 +74,8 @@ def differences(expected: dict, actual: dict) -> list[str]:
 
 
 class Session:
-    """One headless Chromium page with the page's errors collected (uncaught exceptions, and console
-    errors with the resource they name)."""
+    """One headless Chromium page with the page's errors collected per page load (uncaught exceptions,
+    and console errors with the resource they name)."""
 
     def __init__(self, url: str):
         from playwright.sync_api import sync_playwright
@@ -84,40 +84,92 @@ class Session:
         self._playwright = sync_playwright().start()
         self._browser = self._playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         self.page = self._browser.new_page(viewport={"width": 1400, "height": 1100})
-        self.errors: list[str] = []
-        self.page.on("pageerror", lambda error: self.errors.append(f"page error: {error}"))
+        self.errors_by_load: list[list[str]] = []
+        self.page.on("pageerror", lambda error: self._record(f"page error: {error}"))
         self.page.on("console", self._console)
 
     def _console(self, message) -> None:
         if message.type == "error":
             where = (message.location or {}).get("url", "")
-            self.errors.append(f"console: {message.text} [{where}]")
+            self._record(f"console: {message.text} [{where}]")
+
+    def _record(self, error: str) -> None:
+        if not self.errors_by_load:
+            self.errors_by_load.append([])
+        self.errors_by_load[-1].append(error)
 
     def open(self) -> float:
         started = time.time()
+        self.errors_by_load.append([])
         self.page.goto(self.url, timeout=TIMEOUT_MS)
         self.page.wait_for_selector("#txt2img_generate", timeout=TIMEOUT_MS)
         self.page.wait_for_timeout(1500)  # onUiLoaded callbacks and late resources
         return time.time() - started
+
+    # The host's own actions, shared by the person's path and the baseline path without the extension.
+
+    def click_tab(self, name: str) -> None:
+        self.page.locator("#tabs > .tab-nav button", has_text=name).first.click()
+        self.page.wait_for_timeout(500)
+
+    def set_number(self, selector: str, value) -> None:
+        box = self.page.locator(f"{selector} input[type=number]")
+        box.fill(str(value))
+        box.press("Enter")
+
+    def prepare_prompt(self, tab: str = "txt2img") -> None:
+        self.page.fill(f"#{tab}_prompt textarea", PROMPT)
+        for name, value in SIZE_AND_STEPS:
+            self.set_number(f"#{tab}_{name}", value)
+
+    def generate(self, tab: str = "txt2img") -> str:
+        """Presses Generate and returns the first image's infotext (from the hidden generation info)."""
+        self.page.click(f"#{tab}_generate")
+        self.page.wait_for_selector(f"#{tab}_gallery img", timeout=TIMEOUT_MS)
+        self.page.wait_for_function(
+            "(id) => { const t = document.querySelector('#' + id + ' textarea');"
+            " return t && t.value.includes('infotexts'); }",
+            arg=f"generation_info_{tab}",
+            timeout=TIMEOUT_MS,
+        )
+        return json.loads(self.page.locator(f"#generation_info_{tab} textarea").input_value())["infotexts"][0]
+
+    def paste(self, infotext: str, tab: str = "txt2img") -> None:
+        """The infotext into the prompt box, then the host's paste button; waits for the prompt to be
+        restored and for the controls' own change events to settle."""
+        self.page.fill(f"#{tab}_prompt textarea", infotext)
+        self.page.locator(f"#{tab}_tools #paste, #{tab}_toprow #paste").first.click()
+        self.page.wait_for_function(
+            "([sel, prompt]) => { const t = document.querySelector(sel); return t && t.value === prompt; }",
+            arg=[f"#{tab}_prompt textarea", PROMPT],
+            timeout=60_000,
+        )
+        self.page.wait_for_timeout(1500)
 
     def close(self) -> None:
         self._browser.close()
         self._playwright.stop()
 
 
-def page_errors(url: str) -> list[str]:
-    """The errors a plain page load logs (taken without the extension, as the baseline)."""
+def host_path_errors(url: str) -> list[list[str]]:
+    """The page errors, load by load, of the same path taken without the extension (the baseline):
+    the host logs some of its own."""
     session = Session(url)
     try:
         session.open()
-        session.page.wait_for_timeout(2000)
-        return list(session.errors)
+        session.click_tab("img2img")
+        session.click_tab("txt2img")
+        session.prepare_prompt()
+        infotext = session.generate()
+        session.open()
+        session.paste(infotext)
+        return session.errors_by_load
     finally:
         session.close()
 
 
 def new_errors(baseline: list[str], seen: list[str]) -> list[str]:
-    """Errors beyond the baseline's, counted as a multiset (the host logs some of its own)."""
+    """Errors beyond the baseline's, counted as a multiset."""
     extra = Counter(seen) - Counter(baseline)
     return sorted(extra.elements())
 
@@ -125,7 +177,7 @@ def new_errors(baseline: list[str], seen: list[str]) -> list[str]:
 class PersonPath:
     """The UI checks, in the order a person works: each method returns None or what went wrong."""
 
-    def __init__(self, url: str, shots: Path | None, host: str, baseline_errors: list[str]):
+    def __init__(self, url: str, shots: Path | None, host: str, baseline_errors: list[list[str]]):
         self.session = Session(url)
         self.page = self.session.page
         self.shots = shots
@@ -134,24 +186,15 @@ class PersonPath:
         self.used: dict = {}
         self.infotext = ""
 
-    def _click_tab(self, name: str) -> None:
-        self.page.locator("#tabs > .tab-nav button", has_text=name).first.click()
-        self.page.wait_for_timeout(500)
-
     def _text_box(self, tab: str, key: str):
         block = f"#{control_id(tab, key)}"
         return self.page.locator(f"{block} textarea, {block} input[type=text]").first
-
-    def _set_number(self, selector: str, value: str) -> None:
-        box = self.page.locator(f"{selector} input[type=number]")
-        box.fill(value)
-        box.press("Enter")
 
     def accordion_in_both_tabs(self) -> str | None:
         self.session.open()
         missing = []
         for tab in ("img2img", "txt2img"):
-            self._click_tab(tab)
+            self.session.click_tab(tab)
             header = self.page.locator(f"#{control_id(tab, 'enable')} .label-wrap").first
             if not header.is_visible():
                 missing.append(tab)
@@ -159,9 +202,7 @@ class PersonPath:
 
     def switch_on_detect_and_edit(self) -> str | None:
         page, tab = self.page, "txt2img"
-        page.fill(f"#{tab}_prompt textarea", PROMPT)
-        for name, value in SIZE_AND_STEPS:
-            self._set_number(f"#{tab}_{name}", value)
+        self.session.prepare_prompt(tab)
         defaults = read_controls(page, tab)
         wrong_defaults = differences({p.key: params.ui_value(p, p.default) for p in params.PARAMS}, defaults)
         if wrong_defaults:
@@ -189,7 +230,7 @@ class PersonPath:
             timeout=60_000,
         )
         key, value = CHANGED_SLIDER
-        self._set_number(f"#{control_id(tab, key)}", str(value))
+        self.session.set_number(f"#{control_id(tab, key)}", value)
         page.wait_for_timeout(500)
 
         self.used = read_controls(page, tab)
@@ -211,17 +252,8 @@ class PersonPath:
 
     def generate_and_read_infotext(self) -> str | None:
         page, tab = self.page, "txt2img"
-        page.click(f"#{tab}_generate")
-        page.wait_for_selector(f"#{tab}_gallery img", timeout=TIMEOUT_MS)
-        page.wait_for_function(
-            "(id) => { const t = document.querySelector('#' + id + ' textarea');"
-            " return t && t.value.includes('infotexts'); }",
-            arg=f"generation_info_{tab}",
-            timeout=TIMEOUT_MS,
-        )
-        raw = page.locator(f"#generation_info_{tab} textarea").input_value()
-        self.infotext = json.loads(raw)["infotexts"][0]
-        shown = page.locator(f"#html_info_{tab}").inner_text()
+        self.infotext = self.session.generate(tab)
+        shown = page.locator(f"#html_info_{tab}").last.inner_text()  # gradio 3 nests a second one
         needed = [
             f"{params.INFOTEXT_PREFIX} concept steering: True",
             f"{params.INFOTEXT_PREFIX} SEGA edits:",
@@ -244,27 +276,23 @@ class PersonPath:
         self.session.open()  # a fresh page: every control back at its default
         if read_controls(page, tab)["enable"]:
             return "the reloaded page starts enabled"
-        page.fill(f"#{tab}_prompt textarea", self.infotext)
-        page.locator(f"#{tab}_tools #paste, #{tab}_toprow #paste").first.click()
-        page.wait_for_function(
-            "([sel, prompt]) => { const t = document.querySelector(sel); return t && t.value === prompt; }",
-            arg=[f"#{tab}_prompt textarea", PROMPT],
-            timeout=60_000,
-        )
-        page.wait_for_timeout(1500)  # the controls' own change events (edit slots) settle
+        self.session.paste(self.infotext, tab)
         pasted = read_controls(page, tab)
         wrong = differences(self.used, pasted)
         return f"not restored: {wrong}" if wrong else None
 
     def no_new_page_errors(self) -> str | None:
-        extra = new_errors(self.baseline_errors, self.session.errors)
+        loads = self.session.errors_by_load
+        if len(loads) != len(self.baseline_errors):
+            return f"{len(loads)} page loads against the baseline's {len(self.baseline_errors)}"
+        extra = [e for seen, base in zip(loads, self.baseline_errors, strict=True) for e in new_errors(base, seen)]
         return f"errors the host without the extension does not log: {extra}" if extra else None
 
     def close(self) -> None:
         self.session.close()
 
 
-def run(checks, url: str, shots: Path | None, host: str, baseline_errors: list[str]) -> None:
+def run(checks, url: str, shots: Path | None, host: str, baseline_errors: list[list[str]]) -> None:
     path = PersonPath(url, shots, host, baseline_errors)
     try:
         checks.run("UI: accordion in txt2img and img2img", path.accordion_in_both_tabs)
