@@ -236,38 +236,41 @@ def _edit_slots(script, edits, components: dict) -> None:
     slots = []
     with gr.Column(elem_classes=["sf-edit-slots"]):
         for index in range(EDIT_SLOTS):
-            with gr.Row(elem_classes=["sf-edit-slot"], variant="compact"):
-                fields = [
-                    gr.Textbox(
-                        label=f"Edit {index + 1}",
-                        placeholder="edit prompt",
-                        lines=1,
-                        max_lines=1,
-                        elem_id=script.elem_id(f"edit{index + 1}_prompt"),
-                        elem_classes=["sf-slot-prompt"],
-                    ),
-                    gr.Radio(
-                        choices=list(DIRECTIONS),
-                        value=DIRECTIONS[0],
-                        label="Add / remove",
-                        elem_id=script.elem_id(f"edit{index + 1}_direction"),
-                        elem_classes=["sf-slot-direction"],
-                    ),
-                ]
+            # two lines per slot: what the edit is (prompt, direction), then its numbers in one row
+            with gr.Column(elem_classes=["sf-edit-slot"]):
+                with gr.Row(elem_classes=["sf-edit-slot-head"]):
+                    fields = [
+                        gr.Textbox(
+                            label=f"Edit {index + 1}",
+                            placeholder="edit prompt",
+                            lines=1,
+                            max_lines=1,
+                            elem_id=script.elem_id(f"edit{index + 1}_prompt"),
+                            elem_classes=["sf-slot-prompt"],
+                        ),
+                        gr.Radio(
+                            choices=list(DIRECTIONS),
+                            value=DIRECTIONS[0],
+                            label="Add / remove",
+                            elem_id=script.elem_id(f"edit{index + 1}_direction"),
+                            elem_classes=["sf-slot-direction"],
+                        ),
+                    ]
                 fields[0].webui_tooltip = "The concept this edit adds or removes; empty: no edit."
                 fields[1].webui_tooltip = "+ pushes the image towards the edit prompt, \u2212 away from it."
-                for spec in params.EDIT_FIELDS:
-                    slider = gr.Slider(
-                        minimum=spec.minimum,
-                        maximum=spec.maximum,
-                        step=spec.step,
-                        value=spec.default,
-                        label=spec.label,
-                        elem_id=script.elem_id(f"edit{index + 1}_{spec.key}"),
-                        elem_classes=["sf-slot-number"],
-                    )
-                    slider.webui_tooltip = spec.tooltip
-                    fields.append(slider)
+                with gr.Row(elem_classes=["sf-edit-slot-numbers"]):
+                    for spec in params.EDIT_FIELDS:
+                        slider = gr.Slider(
+                            minimum=spec.minimum,
+                            maximum=spec.maximum,
+                            step=spec.step,
+                            value=spec.default,
+                            label=spec.label,
+                            elem_id=script.elem_id(f"edit{index + 1}_{spec.key}"),
+                            elem_classes=["sf-slot-number"],
+                        )
+                        slider.webui_tooltip = spec.tooltip
+                        fields.append(slider)
             for field in fields:
                 field.do_not_save_to_config = True  # mirrors of the text box, same labels in every slot
             slots.append(fields)
