@@ -49,7 +49,18 @@ def main(argv=None) -> int:
     started = time.time()
 
     def harness(*words):
-        subprocess.run(host.command(*words), check=True, stdout=subprocess.DEVNULL)
+        done = subprocess.run(host.command(*words), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if done.returncode:
+            print(done.stdout[-3000:], flush=True)
+            done.check_returncode()
+
+    launch_args = os.environ.get(host.extra_args_variable, "") if host.extra_args_variable else ""
+
+    def restart_with(extra_args: str) -> None:
+        """Restarts the host with `extra_args` after the user's own launch arguments ('' = as before)."""
+        if host.extra_args_variable:
+            os.environ[host.extra_args_variable] = f"{launch_args} {extra_args}".strip()
+        harness("restart")
 
     def take_baseline():
         harness("unlink-ext", EXTENSION_NAME)
@@ -79,7 +90,7 @@ def main(argv=None) -> int:
         return 1
     checks.run("install.py as the launcher runs it changes no host package", install)
     if checks.run("host starts with the extension, which loads", host_starts):
-        ApiChecks(api, host, baseline, args.screenshots).run(checks)
+        ApiChecks(api, host, baseline, args.screenshots, restart_with).run(checks)
         if args.ui:
             from . import browser
 

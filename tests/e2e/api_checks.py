@@ -26,8 +26,9 @@ XYZ_EDITS_AXIS = "[Semantic Fidelity] SEGA edits: Edits"
 
 
 class ApiChecks:
-    def __init__(self, api: Api, host: Host, baseline: dict[str, bytes], shots: Path | None):
+    def __init__(self, api: Api, host: Host, baseline: dict[str, bytes], shots: Path | None, restart=None):
         self.api, self.host, self.baseline, self.shots = api, host, baseline, shots
+        self.restart = restart  # restart(extra launch arguments): the harness restarting the host
 
     def identical(self, extension_args):
         def check():
@@ -143,6 +144,17 @@ class ApiChecks:
             (self.shots / f"{self.host.name}-xyz-grid.png").write_bytes(images[0])
         return None
 
+    def _attention_methods_act(self) -> str | None:
+        values = dict(METHODS["scfg"], **METHODS["regulation"])
+        images, infotexts = self.api.generate(with_extension(**values))
+        problem = expect(images, infotexts, keys=[INFOTEXT_KEYS["scfg"], INFOTEXT_KEYS["regulation"]])
+        if problem:
+            return problem
+        if is_blank(images[0]):
+            return "blank image"
+        plain, _ = self.api.generate([False])
+        return None if plain[0] != images[0] else "the methods changed nothing"
+
     def attention_optimization(self, name: str):
         """The attention methods under a cross-attention optimization the user selected."""
 
@@ -151,20 +163,28 @@ class ApiChecks:
             selected = self.api.call("/sdapi/v1/options").get("cross_attention_optimization")
             if selected != name:
                 return f"the host did not take {name!r} (it has {selected!r})"
-            values = dict(METHODS["scfg"], **METHODS["regulation"])
-            images, infotexts = self.api.generate(with_extension(**values))
-            problem = expect(images, infotexts, keys=[INFOTEXT_KEYS["scfg"], INFOTEXT_KEYS["regulation"]])
-            if problem:
-                return problem
-            if is_blank(images[0]):
-                return "blank image"
-            plain, _ = self.api.generate([False])
-            return None if plain[0] != images[0] else "the methods changed nothing"
+            return self._attention_methods_act()
 
         return check
 
     def restore_automatic(self):
         self.api.call("/sdapi/v1/options", {"cross_attention_optimization": "Automatic"})
+        return self.identical([False])()
+
+    def attention_flag(self, proof: str, flag: str):
+        """The attention methods with the host started on another attention kernel."""
+
+        def check():
+            self.restart(flag)
+            log = self.host.log.read_text(errors="replace") if self.host.log and self.host.log.exists() else ""
+            if self.host.log and proof not in log:
+                return f"the host's log does not say {proof!r} after starting with {flag}"
+            return self._attention_methods_act()
+
+        return check
+
+    def restart_plain(self):
+        self.restart("")
         return self.identical([False])()
 
     def mixed_then_disabled(self):
@@ -209,4 +229,9 @@ class ApiChecks:
             checks.run(f"S-CFG + regulation with attention optimization {name!r}", self.attention_optimization(name))
         if self.host.attention_optimizations:
             checks.run("back to 'Automatic': disabled byte-identical", self.restore_automatic)
+        if self.restart is not None:
+            for proof, flag in self.host.attention_flags:
+                checks.run(f"S-CFG + regulation with the host started with {flag}", self.attention_flag(proof, flag))
+            if self.host.attention_flags:
+                checks.run("restarted as before: disabled byte-identical", self.restart_plain)
         checks.run("20 mixed requests, then disabled byte-identical", self.mixed_then_disabled)

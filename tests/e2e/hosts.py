@@ -26,6 +26,11 @@ class Host:
     # cross-attention optimizations to select (the `cross_attention_optimization` option) and run the
     # attention methods under; empty where the host has no such setting
     attention_optimizations: tuple[str, ...] = ()
+    # or, where the attention kernel is a launch flag: (log line that proves it, flag) pairs the
+    # runner restarts the host with, through the harness's extra-arguments variable
+    attention_flags: tuple[tuple[str, str], ...] = ()
+    extra_args_variable: str = ""
+    log: Path | None = None
 
     def command(self, *words: str) -> list[str]:
         return ["bash", self.harness, *words]
@@ -59,5 +64,12 @@ HOSTS = {
         ui_variable="FORGE_UI",
         # Forge's API crashes in the hires pass without this, and runs it without uncond at hr_cfg 1
         hires_extra={"hr_additional_modules": ["Use same choices"], "hr_cfg": 7},
+        # on CPU Forge uses sub-quadratic attention; NVIDIA GPUs get pytorch's SDPA
+        attention_flags=(
+            ("Using pytorch cross attention", "--attention-pytorch"),
+            ("Using split optimization for cross attention", "--attention-split"),
+        ),
+        extra_args_variable="FORGE_EXTRA_ARGS",
+        log=Path(os.environ.get("FORGE_STATE", "/tmp/forge-e2e")) / "forge.log",
     ),
 }
