@@ -56,15 +56,22 @@ def main(argv=None) -> int:
 
     launch_args = os.environ.get(host.extra_args_variable, "") if host.extra_args_variable else ""
 
-    def restart_with(extra_args: str) -> None:
-        """Restarts the host with `extra_args` after the user's own launch arguments ('' = as before)."""
+    def restart_with(extra_args: str = "") -> None:
+        """Restarts the host with `extra_args` after the user's own launch arguments ('' = as before)
+        and waits until its start has finished: Forge answers the API before its scripts are set up,
+        and a request in that window fails inside the host (IndexError in init_script_args)."""
         if host.extra_args_variable:
             os.environ[host.extra_args_variable] = f"{launch_args} {extra_args}".strip()
         harness("restart")
+        deadline = time.time() + 300
+        while host.log is not None and time.time() < deadline:
+            if "Startup time" in host.log.read_text(errors="replace"):
+                break
+            time.sleep(1)
 
     def take_baseline():
         harness("unlink-ext", EXTENSION_NAME)
-        harness("restart")
+        restart_with()
         if api.extension_listed():
             return "the extension is still loaded"
         if host.attention_optimizations:  # an earlier run may have left another one selected
@@ -82,7 +89,7 @@ def main(argv=None) -> int:
         return install_check.check(host.python, host.root, host.extension_dir, args.fresh_install)
 
     def host_starts():
-        harness("restart")
+        restart_with()
         return None if api.extension_listed() else "not listed in /sdapi/v1/scripts"
 
     if not checks.run("baseline without the extension", take_baseline):

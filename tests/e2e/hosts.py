@@ -30,7 +30,7 @@ class Host:
     # runner restarts the host with, through the harness's extra-arguments variable
     attention_flags: tuple[tuple[str, str], ...] = ()
     extra_args_variable: str = ""
-    log: Path | None = None
+    log: Path | None = None  # the host's console log, rewritten at every start
 
     def command(self, *words: str) -> list[str]:
         return ["bash", self.harness, *words]
@@ -54,6 +54,7 @@ HOSTS = {
         ui_variable="A1111_UI",
         # "Automatic" picks InvokeAI on CPU; the others are what GPU users get
         attention_optimizations=("sdp", "sdp-no-mem", "Doggettx", "Semantic Fidelity SDP"),
+        log=Path(os.environ.get("A1111_STATE", "/tmp/a1111-e2e")) / "a1111.log",
     ),
     "forge": Host(
         name="forge",
