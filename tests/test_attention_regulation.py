@@ -40,7 +40,8 @@ def test_analytic_gradient_step_matches_autograd():
         theta = theta0.clone().requires_grad_(True)
         loss = autograd_loss(scores, targets, basis, theta, heads)
         (grad,) = torch.autograd.grad(loss, theta)
-    torch.testing.assert_close(result.losses[0][0], loss.detach(), rtol=1e-6, atol=1e-6)
+    # two different float32 computations of one loss (analytic vs autograd): README §7 allows 1e-5
+    torch.testing.assert_close(result.losses[0][0], loss.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(result.weights[1], theta0 - heads * 100.0 * grad, rtol=1e-5, atol=1e-5)
 
 

@@ -49,7 +49,8 @@ def check_case(case):
 
     if "gaussian_basis" in tensors:
         expected = tensors["gaussian_basis"]
-        assert_close("gaussian_basis", bump_basis(size).reshape(expected.shape), expected, atol=1e-7)
+        # exp rounds differently from one CPU to the next; 1e-6 is the README's tightest float32 tolerance
+        assert_close("gaussian_basis", bump_basis(size).reshape(expected.shape), expected, atol=1e-6)
     loss = torch.stack([r["loss_per_iter"] for r in records]).mean(0)  # the authors' loss is the batch mean
     assert_close("loss_per_iter", loss, tensors["loss_per_iter"], atol=1e-5)
     assert_close("best_loss", loss.min(), tensors["best_loss"], atol=1e-5)
@@ -71,7 +72,8 @@ def check_case(case):
     worst["edited_scores_off_by_one_ulp"] = int(off.sum())
     out = tensors["attention_probs_out"]
     assert_close("attention_probs_out", probs, out, atol=2e-3)
-    assert_close("uncond half", probs[: out.shape[0] // 2], out[: out.shape[0] // 2], atol=1e-7)
+    # README §7: a plain float32 softmax of the stored scores, within 1e-6 (kernels round by machine)
+    assert_close("uncond half", probs[: out.shape[0] // 2], out[: out.shape[0] // 2], atol=1e-6)
     eos = int(tensors["eos_id"])
     scores = tensors["scores"].float()
     restore = [0, eos]
