@@ -167,7 +167,7 @@ def test_error_in_a_hook_falls_back_to_forge_cfg(engine, monkeypatch, where):
         if where == "cfg":
             monkeypatch.setattr(patches.run, "step", boom)
         elif where == "wrapper":
-            monkeypatch.setattr(patches, "_begin_call", boom)
+            monkeypatch.setattr(patches, "_with_attention", boom)
         else:
             monkeypatch.setattr(patches.router, "forward", boom)
 
@@ -188,8 +188,9 @@ def test_finish_restores_the_original_unet(engine):
     adapter = ForgeAdapter()
     adapter.prepare(p, state)
     clone = engine.forge_objects.unet
-    assert clone is not original and "attn1" in clone.model_options["transformer_options"]["patches_replace"]
-    assert clone.model_options["transformer_options"] is not original.model_options["transformer_options"]
+    assert clone is not original and len(clone.model_options["sampler_pre_cfg_function"]) == 1
+    # attention patches live only in the options of the calls they act in, never on the clone
+    assert "patches_replace" not in clone.model_options["transformer_options"]
     adapter.finish(p)
     assert engine.forge_objects.unet is original
     assert original.model_options == {"transformer_options": {}}

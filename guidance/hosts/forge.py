@@ -146,7 +146,9 @@ class ForgeAdapter:
         extra_conds = encode_prompts(p, [row.text for row in planned.run.extra_rows], cache)
         original = p.sd_model.forge_objects.unet
         clone = original.clone()
-        patches = ForgePatches(planned, extra_conds, _step_source(p), lambda error: self._fail(p, error))
+        patches = ForgePatches(
+            planned, extra_conds, _step_source(p), lambda error: self._fail(p, error), lambda note: report(p, note)
+        )
         patches.install(clone)
         state.active = self._current = ForgeRun(p=p, original=original, clone=clone, patches=patches)
         p.sd_model.forge_objects.unet = clone

@@ -1,13 +1,23 @@
 """The functions one Forge sampler run installs on its UnetPatcher clone (../shared/hosts/forge.md §2-§4).
 
-- pre-CFG function: arms the run for the denoiser call in flight (step, AND strengths);
-- UNet function wrapper: appends the extra-prompt rows to the main call's cond chunk (blocks of B
-  rows marked as cond), tells the attention router which rows the call holds, stashes the extra x0s;
-- CFG function: hands every row to `GuidanceRun.step` in x0 space and returns `x - guided`;
-- attn1/attn2 replace patches on the routed layers: the router's kernel.
+Everything composes with the other tools of the generation (DynamicThresholding, LatentModifier,
+MultiDiffusion, SAG, PAG, StyleAlign, FreeU, ControlNet…), whatever order their scripts run in:
 
-Every function checks `ForgePatches.enabled`: after an error the run is switched off, so copies of
-the functions that other extensions' clones still hold behave like the host.
+- the one installed function is a pre-CFG function (a list every tool appends to). At every denoiser
+  call it arms the run and returns a copy of `model_options` in which the UNet function wrapper and
+  the CFG function are ours *around whatever is there now*: ours calls the other tool's wrapper and
+  CFG function and adds to them, so nothing set before or after us is replaced;
+- UNet wrapper: the extra-prompt rows ride in the main cond/uncond call (blocks of B rows marked as
+  cond) when nothing else reads that call's batch layout; with another tool's attention patches,
+  ControlNet or token lengths Forge cannot tile, they run as one extra call of their own (through
+  the other wrappers too, with ControlNet's control computed for them). The attention patches of
+  the routed layers are added to the main call's options only, on the steps where an attention
+  method acts, each calling the patch that was there before;
+- CFG function: `GuidanceRun.step` in x0 space; with another tool's CFG function, its result plus
+  our guidance's difference from plain CFG.
+
+Every function checks `ForgePatches.enabled`: after an error the run is switched off and every
+function behaves like the host (calls what was there).
 """
 
 from __future__ import annotations
@@ -20,6 +30,11 @@ import torch
 from ..engine import GuidanceError, StepInputs
 
 COND, UNCOND = 0, 1
+MAX_TILING = 4  # Forge tiles token lengths into one call only up to 4x (ConditionCrossAttn.can_concat)
+TILED_NOTE = (
+    "S-CFG and attention regulation need the whole latent in one UNet call; another extension runs the "
+    "UNet in tiles (e.g. MultiDiffusion), so they do not act while it is on."
+)
 
 
 def _tile_tokens(context: torch.Tensor, tokens: int) -> torch.Tensor:
@@ -29,19 +44,73 @@ def _tile_tokens(context: torch.Tensor, tokens: int) -> torch.Tensor:
     return context.repeat(1, tokens // context.shape[1], 1)
 
 
+def _equal_tokens(contexts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Extra contexts of different token lengths tiled to a common length, as Forge concatenates."""
+    tokens = 1
+    for context in contexts:
+        tokens = math.lcm(tokens, context.shape[0])
+    return [
+        context.repeat(tokens // context.shape[0], 1) if context.shape[0] != tokens else context for context in contexts
+    ]
+
+
+def _plain_call(apply_model, args):
+    return apply_model(args["input"], args["timestep"], **args["c"])
+
+
+def plain_cfg(args, edit_strength: float) -> torch.Tensor:
+    """Forge's own CFG formula (sampling_function_inner), as x0."""
+    uncond, cond, scale = args["uncond_denoised"], args["cond_denoised"], args["cond_scale"]
+    if math.isclose(edit_strength, 1.0):
+        return uncond + (cond - uncond) * scale
+    return uncond + (cond - uncond) * scale * edit_strength
+
+
+def host_attention(q, k, v, heads: int) -> torch.Tensor:
+    """The attention Forge's CrossAttention runs when no patch replaces it (its chosen kernel)."""
+    try:
+        from backend.attention import attention_function
+    except ImportError:  # outside Forge (the stand-in): numerically the SDP kernel
+        from ..attention import attention
+
+        return attention(q, k, v, heads)
+    return attention_function(q, k, v, heads)
+
+
+def row_labels(labels: Sequence[int], batch: int, sigmas: torch.Tensor) -> dict:
+    """The transformer options Forge derives from a call's chunk labels (compute_cond_mark,
+    compute_cond_indices in sampling_function.py)."""
+    rows = [(i * batch + r, label) for i, label in enumerate(labels) for r in range(batch)]
+    return {
+        "cond_or_uncond": list(labels),
+        "cond_mark": torch.tensor([label for _, label in rows], dtype=sigmas.dtype, device=sigmas.device),
+        "cond_indices": [row for row, label in rows if label == COND],
+        "uncond_indices": [row for row, label in rows if label == UNCOND],
+    }
+
+
+def foreign_patches(options: dict) -> bool:
+    """Whether another tool patches attention in this call (StyleAlign, SAG, IP-Adapter…): they may read
+    the call's batch layout, which extra rows inside the call would change."""
+    patches = any(bool(fns) for fns in options.get("patches", {}).values())
+    return patches or any(bool(table) for table in options.get("patches_replace", {}).values())
+
+
 class ForgePatches:
     """One sampler run's patches. `extra_conds`: the encoded extra prompts, one per
     `run.extra_rows` entry: a tensor (T, D) or a dict with 'crossattn' (T, D) and 'vector' (D,)."""
 
-    def __init__(self, planned, extra_conds: Sequence, step_source: Callable[[], tuple[int, int]], on_error):
+    def __init__(self, planned, extra_conds: Sequence, step_source: Callable[[], tuple[int, int]], on_error, report):
         self.planned = planned
         self.run = planned.run
         self.router = planned.router
         self.extra_conds = list(extra_conds)
         self.step_source = step_source
         self.on_error = on_error
+        self.report = report  # one note, console + infotext
         self.enabled = True
         self.wants_cfg = bool(self.run.extra_rows) or self.run.region_scale is not None
+        self.routed: list = []  # LayerKeys whose attention the router handles, set by install
         # per denoiser call
         self.armed = False
         self.step = 0
@@ -70,11 +139,14 @@ class ForgePatches:
 
     # -- installation ------------------------------------------------------------------------
     def install(self, unet) -> None:
-        """Put every function on `unet` (a fresh clone)."""
-        unet.set_model_sampler_pre_cfg_function(self.pre_cfg, disable_cfg1_optimization=self.wants_cfg)
-        unet.set_model_unet_function_wrapper(self.wrapper)
-        if self.wants_cfg:
-            unet.set_model_sampler_cfg_function(self.cfg_function, disable_cfg1_optimization=True)
+        """Put the pre-CFG function on `unet` (a fresh clone) and find the layers to route."""
+
+        # a plain function, not a bound method: a later tool's clone deep-copies model_options, and a
+        # bound method would copy this whole object with it (functions are copied by reference)
+        def pre_cfg(model, cond, uncond, x, timestep, model_options):
+            return self.pre_cfg(model, cond, uncond, x, timestep, model_options)
+
+        unet.set_model_sampler_pre_cfg_function(pre_cfg, disable_cfg1_optimization=self.wants_cfg)
         if self.router is not None:
             from ..attention_routing import LayerKey
 
@@ -83,61 +155,65 @@ class ForgePatches:
                 key = LayerKey.from_module_name(name)
                 if key is not None:
                     present.add(key)
-            for key in sorted(self.router.routed_layers(present)):
-                setter = unet.set_model_attn1_replace if key.kind == "self" else unet.set_model_attn2_replace
-                setter(self._attention_patch(key), key.section, key.block, transformer_index=key.transformer)
+            self.routed = sorted(self.router.routed_layers(present))
 
-    # -- pre-CFG: arm the call ---------------------------------------------------------------
+    # -- pre-CFG: arm the call, chain the wrapper and the CFG function ----------------------------
     def pre_cfg(self, model, cond, uncond, x, timestep, model_options):
-        if self.enabled:
-            try:
-                self.step, self.total_steps = self.step_source()
-                self.edit_strength = float(sum(item.get("strength", 1) for item in cond))
-                if x.shape[0] != self.run.batch_size:
-                    raise GuidanceError(f"the run was set up for {self.run.batch_size} images, x has {x.shape[0]}")
-                self.extra_x0 = None
-                self.armed = True
-            except Exception as error:
-                self.fail(error)
-        return model, cond, uncond, x, timestep, model_options
-
-    # -- the UNet call -----------------------------------------------------------------------
-    def wrapper(self, apply_model, args):
-        if not (self.enabled and self.armed):
-            if self.router is not None and self.enabled:
-                self._begin_plain_call(args["input"])
-            return apply_model(args["input"], args["timestep"], **args["c"])
+        if not self.enabled:
+            return model, cond, uncond, x, timestep, model_options
         try:
-            return self._main_call(apply_model, args)
+            self.step, self.total_steps = self.step_source()
+            self.edit_strength = float(sum(item.get("strength", 1) for item in cond))
+            if x.shape[0] != self.run.batch_size:
+                raise GuidanceError(f"the run was set up for {self.run.batch_size} images, x has {x.shape[0]}")
+            self.extra_x0 = None
+            options = dict(model_options)
+            options["model_function_wrapper"] = self._wrapper_around(model_options.get("model_function_wrapper"))
+            if self.wants_cfg:
+                options["sampler_cfg_function"] = self._cfg_around(model_options.get("sampler_cfg_function"))
+            self.armed = True
+            return model, cond, uncond, x, timestep, options
         except Exception as error:
             self.fail(error)
-            return apply_model(args["input"], args["timestep"], **args["c"])
+            return model, cond, uncond, x, timestep, model_options
 
-    def _begin_plain_call(self, x: torch.Tensor) -> None:
-        """Calls made outside the main cond/uncond batch (other extensions' extra passes): the
-        router takes its fast path for them."""
-        from ..attention_routing import CallRows
+    # -- the UNet call -----------------------------------------------------------------------
+    def _wrapper_around(self, previous):
+        """Our UNet function wrapper for this call, calling `previous` (another tool's) for the UNet."""
+        call = previous or _plain_call
 
-        none = (None,) * self.run.batch_size
-        self.router.begin_call(CallRows(self.step, self.total_steps, tuple(x.shape[-2:]), none, none))
+        def wrapper(apply_model, args):
+            if not (self.enabled and self.armed):
+                return call(apply_model, args)
+            try:
+                return self._main_call(call, apply_model, args)
+            except Exception as error:
+                self.fail(error)
+                return call(apply_model, args)
 
-    def _main_call(self, apply_model, args):
-        x, timestep, c, labels = args["input"], args["timestep"], args["c"], list(args["cond_or_uncond"])
+        return wrapper
+
+    def _main_call(self, call, apply_model, args):
+        x, labels = args["input"], list(args["cond_or_uncond"])
         batch = self.run.batch_size
         if x.shape[0] != batch * len(labels):
             raise GuidanceError(f"a UNet call of {x.shape[0]} rows for {len(labels)} chunks of {batch} images")
         add_extra = bool(self.blocks) and self.extra_x0 is None and COND in labels
-        if add_extra:
-            x, timestep, c, labels = self._with_extra_rows(x, timestep, c, labels)
-        if self.router is not None:
-            self._begin_call(x, labels)
-        out = apply_model(x, timestep, **c)
-        if add_extra:
-            rows = args["input"].shape[0]
-            blocks = out[rows:].reshape(len(self.blocks), batch, *out.shape[1:])
-            self.extra_x0 = torch.stack([blocks[j, image] for j, image in self._positions()])
-            out = out[:rows]
-        return out
+        extra_args = self._extra_args(args) if add_extra else None
+        together = add_extra and self._rides_along(args, extra_args)
+        main = self._joined(args, extra_args) if together else args
+        if self.router is not None and self.router.active(self.step, max(self.total_steps, 1)):
+            main = self._with_attention(main)
+        out = call(apply_model, main)
+        if not self.wants_cfg and COND in labels:
+            self.armed = False  # no CFG function disarms: later calls (PAG's, SAG's) are the host's
+        if not add_extra:
+            return out
+        rows = x.shape[0]
+        extra_out = out[rows:] if together else call(apply_model, self._with_control(extra_args))
+        blocks = extra_out.reshape(len(self.blocks), batch, *extra_out.shape[1:])
+        self.extra_x0 = torch.stack([blocks[j, image] for j, image in self._positions()])
+        return out[:rows]
 
     def _positions(self) -> list[tuple[int, int]]:
         """(block, image) of every extra row, in `run.extra_rows` order."""
@@ -148,60 +224,107 @@ class ForgePatches:
                     where[index] = (j, image)
         return [where[index] for index in range(len(self.run.extra_rows))]
 
-    def _with_extra_rows(self, x, timestep, c, labels):
+    def _extra_args(self, args) -> dict:
+        """The wrapper arguments of a call that holds only the extra rows: the cond chunk's latents and
+        sigmas once per block, the extra contexts (SDXL: their pooled vectors), inpainting's c_concat."""
+        x, timestep, c, labels = args["input"], args["timestep"], args["c"], list(args["cond_or_uncond"])
         batch = self.run.batch_size
         first_cond = labels.index(COND) * batch
         cond_rows = slice(first_cond, first_cond + batch)
-        context = c["c_crossattn"]
-        cond_context = context[cond_rows]
-        extra_context, extra_vector = [], []
+        contexts, vectors = [], []
         for block in self.blocks:
             for image, index in enumerate(block):
-                if index is None:
-                    extra_context.append(cond_context[image])
-                    extra_vector.append(c["y"][first_cond + image] if "y" in c else None)
-                    continue
-                encoded = self.extra_conds[index]
+                encoded = c["c_crossattn"][first_cond + image] if index is None else self.extra_conds[index]
                 if isinstance(encoded, dict):
-                    extra_context.append(encoded["crossattn"])
-                    extra_vector.append(encoded.get("vector"))
+                    encoded, vector = encoded["crossattn"], encoded.get("vector")
                 else:
-                    extra_context.append(encoded)
-                    extra_vector.append(None)
-        added = torch.stack([e.to(context) for e in _equal_tokens(extra_context)])
-        tokens = math.lcm(context.shape[1], added.shape[1])
-        if tokens // min(context.shape[1], added.shape[1]) > 4:
-            raise GuidanceError("an extra prompt's token length cannot be batched with the main prompt's")
-        new_c = dict(c)
-        new_c["c_crossattn"] = torch.cat([_tile_tokens(context, tokens), _tile_tokens(added, tokens)])
+                    vector = c["y"][first_cond + image] if index is None and "y" in c else None
+                contexts.append(encoded)
+                vectors.append(vector)
+        context = c["c_crossattn"]
+        extra_c = {k: v for k, v in c.items() if k not in ("control", "control_model", "transformer_options")}
+        extra_c["c_crossattn"] = torch.stack([e.to(context) for e in _equal_tokens(contexts)])
         if "y" in c:
-            vectors = [v if v is not None else c["y"][first_cond] for v in extra_vector]
-            new_c["y"] = torch.cat([c["y"], torch.stack([v.to(c["y"]) for v in vectors])])
+            extra_c["y"] = torch.stack([(v if v is not None else c["y"][first_cond]).to(c["y"]) for v in vectors])
         if c.get("c_concat") is not None:
-            new_c["c_concat"] = torch.cat([c["c_concat"], c["c_concat"][cond_rows].repeat(len(self.blocks), 1, 1, 1)])
-        if c.get("control") is not None:
-            raise GuidanceError("ControlNet is active: its residuals cannot be shared with extra prompt rows")
-        new_labels = labels + [COND] * len(self.blocks)
+            extra_c["c_concat"] = c["c_concat"][cond_rows].repeat(len(self.blocks), 1, 1, 1)
+        # one cond chunk of K·B rows: tools that loop over a call's chunks (StyleAlign) see a batch
+        extra_timestep = timestep[cond_rows].repeat(len(self.blocks))
         options = dict(c.get("transformer_options", {}))
-        sigmas = options.get("sigmas", timestep[:batch])
-        options["cond_or_uncond"] = new_labels
-        options["cond_mark"] = torch.tensor(
-            [label for label in new_labels for _ in range(batch)], dtype=sigmas.dtype, device=sigmas.device
-        )
-        options["cond_indices"] = [
-            i * batch + r for i, label in enumerate(new_labels) if label == COND for r in range(batch)
-        ]
-        options["uncond_indices"] = [
-            i * batch + r for i, label in enumerate(new_labels) if label == UNCOND for r in range(batch)
-        ]
-        new_c["transformer_options"] = options
-        x = torch.cat([x, x[cond_rows].repeat(len(self.blocks), 1, 1, 1)])
-        timestep = torch.cat([timestep, timestep[cond_rows].repeat(len(self.blocks))])
-        return x, timestep, new_c, new_labels
+        options.update(row_labels([COND], batch * len(self.blocks), extra_timestep), sigmas=extra_timestep)
+        extra_c["transformer_options"] = options
+        if c.get("control_model") is not None:
+            extra_c["control_model"] = c["control_model"]
+        return {
+            "input": x[cond_rows].repeat(len(self.blocks), 1, 1, 1),
+            "timestep": extra_timestep,
+            "c": extra_c,
+            "cond_or_uncond": [COND],
+        }
 
-    def _begin_call(self, x: torch.Tensor, labels: list[int]) -> None:
+    def _rides_along(self, args, extra_args) -> bool:
+        """Whether the extra rows can join the main call: nothing else reads the call's batch layout
+        or residuals, and Forge would tile the token lengths into one call."""
+        c = args["c"]
+        if c.get("control") is not None or foreign_patches(c.get("transformer_options", {})):
+            return False
+        a, b = c["c_crossattn"].shape[1], extra_args["c"]["c_crossattn"].shape[1]
+        return math.lcm(a, b) // min(a, b) <= MAX_TILING
+
+    def _joined(self, args, extra_args) -> dict:
+        """One call holding the main rows and then the extra blocks (all marked cond)."""
+        c, extra_c = args["c"], extra_args["c"]
+        labels = list(args["cond_or_uncond"]) + [COND] * len(self.blocks)
+        tokens = math.lcm(c["c_crossattn"].shape[1], extra_c["c_crossattn"].shape[1])
+        joined = dict(c)
+        joined["c_crossattn"] = torch.cat(
+            [_tile_tokens(c["c_crossattn"], tokens), _tile_tokens(extra_c["c_crossattn"], tokens)]
+        )
+        for key in ("y", "c_concat"):
+            if c.get(key) is not None:
+                joined[key] = torch.cat([c[key], extra_c[key]])
+        options = dict(c.get("transformer_options", {}))
+        options.update(row_labels(labels, self.run.batch_size, options.get("sigmas", args["timestep"])))
+        joined["transformer_options"] = options
+        return {
+            "input": torch.cat([args["input"], extra_args["input"]]),
+            "timestep": torch.cat([args["timestep"], extra_args["timestep"]]),
+            "c": joined,
+            "cond_or_uncond": labels,
+        }
+
+    def _with_control(self, extra_args) -> dict:
+        """ControlNet's residuals for the extra rows, computed the way Forge computes them for a chunk
+        (calc_cond_uncond_batch): the same control images, each row with its own context."""
+        c = extra_args["c"]
+        control = c.get("control_model")
+        if control is None:
+            return extra_args
+        unit = control
+        while unit is not None:
+            unit.transformer_options = c["transformer_options"]
+            unit = getattr(unit, "previous_controlnet", None)
+        c = dict(c)
+        # the control images are broadcast per block of B rows, as for the chunks of a main call
+        c["control"] = control.get_control(extra_args["input"], extra_args["timestep"], dict(c), len(self.blocks))
+        return dict(extra_args, c=c)
+
+    # -- attention -----------------------------------------------------------------------------
+    def _with_attention(self, args) -> dict:
+        """The call's options with our patch on every routed layer, each around the patch that was
+        there (a 3-part key, or the block's 2-part key, as Forge looks them up)."""
         from ..attention_routing import CallRows
 
+        c = dict(args["c"])
+        options = dict(c.get("transformer_options", {}))
+        replace = {kind: dict(table) for kind, table in options.get("patches_replace", {}).items()}
+        for key in self.routed:
+            table = replace.setdefault("attn1" if key.kind == "self" else "attn2", {})
+            full = (key.section, key.block, key.transformer)
+            table[full] = self._attention_patch(key, table.get(full) or table.get((key.section, key.block)))
+        options["patches_replace"] = replace
+        c["transformer_options"] = options
+        labels = list(args["cond_or_uncond"])
         batch = self.run.batch_size
 
         def rows_of(label: int) -> tuple[int | None, ...]:
@@ -210,19 +333,63 @@ class ForgePatches:
             start = labels.index(label) * batch
             return tuple(start + image for image in range(batch))
 
-        self.router.begin_call(
-            CallRows(self.step, max(self.total_steps, 1), tuple(x.shape[-2:]), rows_of(UNCOND), rows_of(COND))
+        rows = CallRows(
+            self.step, max(self.total_steps, 1), tuple(args["input"].shape[-2:]), rows_of(UNCOND), rows_of(COND)
         )
+        self.router.begin_call(rows)
+        return dict(args, c=c)
+
+    def _attention_patch(self, key, previous):
+        router = self.router
+
+        def patch(q, k, v, extra_options):
+            heads = extra_options["n_heads"]
+            if self.enabled and not self._tiled(extra_options):
+                try:
+                    if previous is None:
+                        return router.forward(key, q, k, v, heads)
+                    # another tool computes this layer's output; our maps are read on the side
+                    if key in router.regulated:
+                        self.report(
+                            "Attention regulation leaves the layers that another extension's attention patch "
+                            "replaces (e.g. SAG, StyleAlign) to that extension."
+                        )
+                    router.forward(key, q, k, v, heads)
+                    return previous(q, k, v, extra_options)
+                except Exception as error:
+                    self.fail(error)
+            return previous(q, k, v, extra_options) if previous is not None else host_attention(q, k, v, heads)
+
+        return patch
+
+    def _tiled(self, extra_options) -> bool:
+        """Whether another tool runs this call in tiles (MultiDiffusion): the maps of a tile are not
+        the latent's, so S-CFG and regulation leave the call alone, with one note."""
+        shape = extra_options.get("original_shape")
+        rows = self.router.rows
+        if shape is None or rows is None or tuple(shape[-2:]) == tuple(rows.latent_size):
+            return False
+        self.report(TILED_NOTE)
+        return True
 
     # -- CFG ---------------------------------------------------------------------------------
-    def cfg_function(self, args):
-        x = args["input"]
-        if self.enabled:
-            try:
-                return x - self._guided(args)
-            except Exception as error:
-                self.fail(error)
-        return _host_cfg(args, self.edit_strength)
+    def _cfg_around(self, previous):
+        """Our CFG function for this call. Alone: the guided x0. After another tool's CFG function
+        (DynamicThresholding, LatentModifier): its result plus our guidance minus plain CFG."""
+
+        def cfg_function(args):
+            x = args["input"]
+            if self.enabled:
+                try:
+                    guided = self._guided(args)
+                    if previous is None:
+                        return x - guided
+                    return previous(args) - (guided - plain_cfg(args, self.edit_strength))
+                except Exception as error:
+                    self.fail(error)
+            return previous(args) if previous is not None else x - plain_cfg(args, self.edit_strength)
+
+        return cfg_function
 
     def _guided(self, args) -> torch.Tensor:
         if not self.armed:
@@ -230,13 +397,12 @@ class ForgePatches:
         self.armed = False
         if self.blocks and self.extra_x0 is None:
             raise GuidanceError("the extra prompt rows did not reach the UNet")
-        x = args["input"]
         batch = self.run.batch_size
         inputs = StepInputs(
             uncond=args["uncond_denoised"],
             cond=args["cond_denoised"],
             conds_list=[[(image, self.edit_strength)] for image in range(batch)],
-            x=x,
+            x=args["input"],
             sigma=args["sigma"],
             step=self.step,
             total_steps=max(self.total_steps, 1),
@@ -246,40 +412,3 @@ class ForgePatches:
         )
         self.extra_x0 = None
         return self.run.step(inputs)
-
-    # -- attention ---------------------------------------------------------------------------
-    def _attention_patch(self, key):
-        router = self.router
-
-        def patch(q, k, v, extra_options):
-            heads = extra_options["n_heads"]
-            if self.enabled:
-                try:
-                    return router.forward(key, q, k, v, heads)
-                except Exception as error:
-                    self.fail(error)
-            from ..attention import attention
-
-            return attention(q, k, v, heads)
-
-        return patch
-
-
-def _equal_tokens(contexts: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Extra contexts of different token lengths tiled to a common length, as Forge concatenates."""
-    tokens = 1
-    for context in contexts:
-        tokens = math.lcm(tokens, context.shape[0])
-    return [
-        context.repeat(tokens // context.shape[0], 1) if context.shape[0] != tokens else context for context in contexts
-    ]
-
-
-def _host_cfg(args, edit_strength: float) -> torch.Tensor:
-    """Forge's own CFG formula, in the CFG function's "x minus x0" units."""
-    uncond, cond, scale = args["uncond_denoised"], args["cond_denoised"], args["cond_scale"]
-    if math.isclose(edit_strength, 1.0):
-        denoised = uncond + (cond - uncond) * scale
-    else:
-        denoised = uncond + (cond - uncond) * scale * edit_strength
-    return args["input"] - denoised

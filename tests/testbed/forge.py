@@ -174,6 +174,8 @@ class KModel:
             eps = self.diffusion_model(xc, self.predictor.timestep(sigma), context=c_crossattn)
         finally:
             self._options = None
+        if control is not None:  # the UNet adds a ControlNet's residuals row by row (one "middle" here)
+            eps = eps + control["middle"][0].to(eps)
         return self.predictor.calculate_denoised(sigma, eps.float(), x)
 
     def memory_required(self, input_shape) -> float:
@@ -251,6 +253,7 @@ def calc_cond_uncond_batch(model, cond, uncond, x_in, timestep, model_options):
         ({k: v.process_cond(batch) for k, v in entry["model_conds"].items()}, entry.get("strength", 1.0), label)
         for entry, label in to_run
     ]
+    control = next((entry.get("control") for entry, _ in to_run), None)
     while prepared:
         first = prepared[0][0]
         together = [
@@ -271,6 +274,10 @@ def calc_cond_uncond_batch(model, cond, uncond, x_in, timestep, model_options):
         options["cond_indices"] = [i * batch + r for i, lab in enumerate(labels) if lab == 0 for r in range(batch)]
         options["uncond_indices"] = [i * batch + r for i, lab in enumerate(labels) if lab == 1 for r in range(batch)]
         c["transformer_options"] = options
+        if control is not None:  # residuals for exactly this call's rows, from a copy of its conds
+            control.transformer_options = options
+            c["control"] = control.get_control(input_x, timestep_, c.copy(), len(chunk))
+            c["control_model"] = control
         if "model_function_wrapper" in model_options:
             args = {"input": input_x, "timestep": timestep_, "c": c, "cond_or_uncond": labels}
             output = model_options["model_function_wrapper"](model.apply_model, args).chunk(len(chunk))
@@ -335,6 +342,9 @@ def sampling_function(denoiser, x, sigma, text_uncond, text_cond, composition, c
     model, options = unet.model, unet.model_options
     uncond = compile_conditions(text_uncond)
     cond = compile_weighted_conditions(text_cond, composition)
+    if unet.controlnet_linked_list is not None:
+        for entry in cond + (uncond or []):
+            entry["control"] = unet.controlnet_linked_list
     seed = denoiser.p.seeds[0]
     for modifier in options.get("conditioning_modifiers", []):
         model, x, sigma, uncond, cond, cond_scale, options, seed = modifier(
