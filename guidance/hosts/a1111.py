@@ -6,6 +6,12 @@ Per sampler run (`prepare`, from `process_before_every_sampling`) the adapter pl
 the extra prompts with the processing object's own cached encoder and patches the run's denoiser.
 The global callbacks act only for the denoiser a run was prepared for. Any exception inside a hook
 falls back to the host's own CFG for the image and removes every patch (`finish`).
+
+Composition with other CFG tools: our `combine_denoised` calls the one that was in effect before it
+(another extension's instance wrapper, or a sampler subclass's method such as sd-dynamic-
+thresholding's) on the host's own rows and adds our guidance's difference from plain CFG. A tool that
+replaces `combine_denoised` after us without calling it (sd-webui-incantations' S-CFG and PAG) is
+found in `on_cfg_after_cfg`: our difference is added to its result there, with one note.
 """
 
 from __future__ import annotations
@@ -14,12 +20,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..engine import GuidanceError
+from ..engine import GuidanceError, combine_cfg
 from ..planning import PlannedRun, plan_run
 from .a1111_attention import UNetRouting
 from .a1111_conds import append_rows, conds_for_step, encode_extra_prompts
 from .a1111_rows import step_inputs
-from .common import batch_images, record_plan, report, settings_for_pass, state_of
+from .common import batch_images, console, record_plan, report, settings_for_pass, state_of
 
 
 @dataclass
@@ -38,6 +44,13 @@ class ActiveRun:
     n_cond: int = 0
     first_cond_rows: tuple[int, ...] = ()
     next_row: int = 0  # first row of the next UNet call
+    x_out: torch.Tensor | None = None  # the call's UNet output (on_cfg_denoised)
+    combined: bool = False  # our combine_denoised ran for the call in flight
+    # the combine_denoised in effect before ours: another extension's instance wrapper, else None (the
+    # sampler class's own method); ours is the function we assigned, removed at the end
+    previous_combine: object = None
+    our_combine: object = None
+    removed: bool = False
 
     _sources: tuple | None = None  # (n_cond, device, index tensor), built once per run
 
@@ -122,6 +135,8 @@ class A1111Adapter:
         from modules import script_callbacks
 
         script_callbacks.on_cfg_denoiser(self._on_cfg_denoiser)
+        script_callbacks.on_cfg_denoised(self._on_cfg_denoised)
+        script_callbacks.on_cfg_after_cfg(self._on_cfg_after_cfg)
         script_callbacks.on_list_optimizers(self._on_list_optimizers)
 
     @staticmethod
@@ -148,7 +163,8 @@ class A1111Adapter:
         if planned.run.extra_rows:
             active.schedules = encode_extra_prompts(p, [row.text for row in planned.run.extra_rows], self._cond_cache)
         state.active = self._current = active
-        denoiser.combine_denoised = self._combine_for(active)
+        active.previous_combine = denoiser.__dict__.get("combine_denoised")
+        denoiser.combine_denoised = active.our_combine = self._combine_for(active)
         # the UNet wrapper counts each call's rows (skipped uncond shows as a short batch) and tells
         # the attention router, when there is one, which rows a call holds
         active.routing = UNetRouting(planned.router, p.sd_model.model.diffusion_model, self._rows_for(active))
@@ -168,7 +184,13 @@ class A1111Adapter:
     def _remove(self, active: ActiveRun) -> None:
         if self._current is active:
             self._current = None
-        active.denoiser.__dict__.pop("combine_denoised", None)
+        active.removed = True  # a copy another extension still holds now acts like what it wrapped
+        attributes = active.denoiser.__dict__
+        if attributes.get("combine_denoised") is active.our_combine:
+            if active.previous_combine is not None:
+                attributes["combine_denoised"] = active.previous_combine
+            else:
+                attributes.pop("combine_denoised")
         if active.routing is not None:
             active.routing.remove()
 
@@ -218,6 +240,7 @@ class A1111Adapter:
         # every shape is checked above; only now is the batch changed, all at once (pitfall 8)
         params.x, params.sigma, params.image_cond, params.text_cond = x, sigma, image_cond, text_cond
         active.x_in, active.sigma_in = x, sigma
+        active.x_out, active.combined = None, False
         active.n_cond = n_cond
         active.first_cond_rows = tuple(sum(repeats[:i]) for i in range(batch))
         active.next_row = 0
@@ -247,33 +270,105 @@ class A1111Adapter:
 
         return rows_for_call
 
+    def _step_inputs(self, active: ActiveRun, x_out, conds_list, cond_scale):
+        if active.x_in is None:
+            raise GuidanceError("the denoiser ran without the extra rows callback")
+        # the host drops the uncond rows before the UNet on skipped steps (NGMS, skip early CFG) and
+        # appends copies of the first cond rows afterwards
+        denoiser = active.denoiser
+        return step_inputs(
+            x_out,
+            active.x_in,
+            active.sigma_in,
+            conds_list,
+            active.extra_count,
+            step=denoiser.step,
+            total_steps=max(denoiser.total_steps, 1),
+            cfg_scale=cond_scale,
+            space=active.space,
+            uncond_skipped=active.next_row == active.n_cond + active.extra_count,
+        )
+
     def _combine_for(self, active: ActiveRun):
         denoiser = active.denoiser
-        host_combine = type(denoiser).combine_denoised
+
+        def previous(x_out, conds_list, uncond, cond_scale):
+            if active.previous_combine is not None:
+                return active.previous_combine(x_out, conds_list, uncond, cond_scale)
+            # read at call time: a tool may swap the denoiser's class after us (a sampler subclass)
+            return type(denoiser).combine_denoised(denoiser, x_out, conds_list, uncond, cond_scale)
 
         def combine_denoised(x_out, conds_list, uncond, cond_scale):
+            host_rows = host_rows_of(x_out, active)
+            if active.removed:
+                return previous(host_rows, conds_list, uncond, cond_scale)
             try:
-                if active.x_in is None:
-                    raise GuidanceError("the denoiser ran without the extra rows callback")
-                # the host drops the uncond rows before the UNet on skipped steps (NGMS, skip early
-                # CFG) and appends copies of the first cond rows afterwards
-                skipped = active.next_row == active.n_cond + active.extra_count
-                inputs = step_inputs(
-                    x_out,
-                    active.x_in,
-                    active.sigma_in,
-                    conds_list,
-                    active.extra_count,
-                    step=denoiser.step,
-                    total_steps=max(denoiser.total_steps, 1),
-                    cfg_scale=cond_scale,
-                    space=active.space,
-                    uncond_skipped=skipped,
-                )
-                active.x_in = active.sigma_in = None
-                return active.planned.run.step(inputs)
+                inputs = self._step_inputs(active, x_out, conds_list, cond_scale)
+                guided = active.planned.run.step(inputs)
+                active.combined = True
+                if active.previous_combine is None and _is_host_combine(type(denoiser).combine_denoised):
+                    return guided
+                plain = combine_cfg(inputs.uncond, inputs.cond, conds_list, cond_scale)
+                return previous(host_rows, conds_list, uncond, cond_scale) + (guided - plain)
             except Exception as error:
                 self._fail(active, error)
-                return host_combine(denoiser, x_out, conds_list, uncond, cond_scale)
+                return previous(host_rows, conds_list, uncond, cond_scale)
 
         return combine_denoised
+
+    def _on_cfg_denoised(self, params) -> None:
+        active = self._current
+        if active is not None and active.x_in is not None and not active.removed:
+            active.x_out = params.x
+
+    def _on_cfg_after_cfg(self, params) -> None:
+        """Another extension's combine_denoised ran instead of ours: add our guidance's difference
+        from plain CFG to its result (masked like the host's inpainting blend)."""
+        active = self._current
+        if active is None or active.removed or active.x_in is None:
+            return
+        try:
+            if not active.combined and active.x_out is not None:
+                self._add_after_cfg(active, params)
+        except Exception as error:
+            self._fail(active, error)
+        finally:
+            active.x_in = active.x_out = None
+
+    def _add_after_cfg(self, active: ActiveRun, params) -> None:
+        denoiser, x_out = active.denoiser, active.x_out
+        conds_list = denoiser.sampler.sampler_extra_args["cond"]
+        from modules import prompt_parser
+
+        conds_list, _ = prompt_parser.reconstruct_multicond_batch(conds_list, denoiser.step)
+        skipped = active.next_row == active.n_cond + active.extra_count
+        scale = 1.0 if skipped else float(active.p.cfg_scale) * getattr(denoiser, "cond_scale_miltiplier", 1.0)
+        inputs = self._step_inputs(active, x_out, conds_list, scale)
+        delta = active.planned.run.step(inputs) - combine_cfg(inputs.uncond, inputs.cond, conds_list, scale)
+        if getattr(denoiser, "mask", None) is not None and not getattr(denoiser, "mask_before_denoising", False):
+            delta = delta * denoiser.nmask
+        params.x = params.x + delta
+        console(active.p, AFTER_OTHER_CFG)
+
+
+# console only: our guidance acts in full, composed after the other tool's (as on Forge)
+AFTER_OTHER_CFG = (
+    "another extension replaced combine_denoised without calling ours; our guidance is added to its result."
+)
+
+
+def host_rows_of(x_out: torch.Tensor, active: ActiveRun) -> torch.Tensor:
+    """The UNet output rows the host laid out (cond rows, uncond rows), without our extra rows."""
+    count = active.extra_count
+    if not count or x_out.shape[0] < active.n_cond + count:
+        return x_out
+    return torch.cat([x_out[: active.n_cond], x_out[active.n_cond + count :]])
+
+
+def _is_host_combine(function) -> bool:
+    """Whether `function` is A1111's own CFGDenoiser.combine_denoised (no subclass changed it)."""
+    try:
+        from modules.sd_samplers_cfg_denoiser import CFGDenoiser
+    except ImportError:  # pragma: no cover - hosts without the module
+        return False
+    return function is CFGDenoiser.combine_denoised

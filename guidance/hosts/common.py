@@ -21,6 +21,7 @@ class GenerationState:
 
     settings: Settings | None
     reported: list[str] = field(default_factory=list)
+    printed: list[str] = field(default_factory=list)  # console-only messages (`console`)
     failed: bool = False  # an error inside a hook: host CFG for the rest of this generation
     active: object | None = None  # the host adapter's patches for the sampler run in progress
 
@@ -47,6 +48,16 @@ def report(p, message: str) -> None:
     if extra is not None:
         notes = state.reported if state is not None else [message]
         extra[NOTE_KEY] = " | ".join(notes)
+
+
+def console(p, message: str) -> None:
+    """Print `message` once per generation, without an infotext entry: how we composed, not what acted."""
+    state = state_of(p)
+    if state is not None:
+        if message in state.printed:
+            return
+        state.printed.append(message)
+    print(f"Semantic Fidelity: {message}", file=sys.stderr)
 
 
 def record_plan(p, planned) -> None:
