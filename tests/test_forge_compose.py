@@ -241,3 +241,33 @@ def test_extra_rows_ride_along_without_other_tools(monkeypatch):
     monkeypatch.setattr(ENGINE.kmodel, "apply_model", counting)
     _, p, _ = _generate(None, "sega")
     assert rows == [6] * p.steps
+
+
+LONG_PROMPT = " BREAK ".join(
+    ["a red cat on a wooden table", "a gold clock", "a garden", "blue sky", "soft light", "grass"]
+)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_prompts_of_six_chunks_keep_every_method(method, monkeypatch):
+    """Five BREAKs: 6 chunks (462 tokens) against 1-chunk extra prompts and uncond, more than Forge tiles
+    into one call (4x): the extra rows take a call of their own instead of switching the methods off."""
+    rows = []
+    real = ENGINE.kmodel.apply_model
+
+    def counting(x, t, **c):
+        rows.append((x.shape[0], c["c_crossattn"].shape[1]))
+        return real(x, t, **c)
+
+    p = Processing(ENGINE, [LONG_PROMPT], [5], width=128, height=128)
+    plain = generate(p, ())
+    monkeypatch.setattr(ENGINE.kmodel, "apply_model", counting)
+    p = Processing(ENGINE, [LONG_PROMPT], [5], width=128, height=128)
+    state = attach_state(p, build_settings(METHODS[method]))
+    adapter = ForgeAdapter()
+    guided = generate(p, (lambda p: adapter.prepare(p, state),), (adapter.finish,))
+    assert not state.failed and NOTE_KEY not in p.extra_generation_params, p.extra_generation_params
+    assert (guided - plain).abs().mean() > (1e-6 if method == "regulation" else 1e-3)
+    assert (1, 6 * 77) in rows and (1, 77) in rows  # Forge's own split: the cond and uncond calls
+    # per step Forge's cond call (462 tokens) and uncond call (77), plus one call of the extra rows
+    assert len(rows) == (3 if method in ("concepts", "sega") else 2) * p.steps
