@@ -112,6 +112,7 @@ def _step_source(p):
 
 class ForgeAdapter:
     host = "forge"
+    decline = staticmethod(decline_reason)  # Forge Neo's adapter widens it
 
     def __init__(self):
         self._current: ForgeRun | None = None  # the run whose clone may still be assigned
@@ -126,7 +127,7 @@ class ForgeAdapter:
 
     def prepare(self, p, state) -> None:
         self.finish(p)  # the hires pass calls this again, before and after Forge resets the UNet
-        settings = settings_for_pass(p, state, decline_reason)
+        settings = settings_for_pass(p, state, self.decline)
         if settings is None:
             return
         if not _pass_has_uncond(p):

@@ -337,9 +337,22 @@ def sampling_function_inner(model, x, timestep, uncond, cond, cond_scale, model_
     return result, cond_pred, uncond_pred
 
 
-def sampling_function(denoiser, x, sigma, text_uncond, text_cond, composition, cond_scale):
+def join_dicts(base: dict, update: dict | None) -> dict:
+    """Forge Neo's `backend.utils.join_dicts`: a copy of `base` with `update` merged in, dict by dict."""
+    result = dict(base or {})
+    for key, value in (update or {}).items():
+        if isinstance(result.get(key), dict) and isinstance(value, dict):
+            result[key] = join_dicts(result[key], value)
+        else:
+            result[key] = value
+    return result
+
+
+def sampling_function(denoiser, x, sigma, text_uncond, text_cond, composition, cond_scale, extra_model_options=None):
+    """Forge 2's, and with `extra_model_options` Forge Neo's (per-call options joined on)."""
     unet = denoiser.p.sd_model.forge_objects.unet  # read on every call
-    model, options = unet.model, unet.model_options
+    model = unet.model
+    options = join_dicts(unet.model_options, extra_model_options) if extra_model_options else unet.model_options
     uncond = compile_conditions(text_uncond)
     cond = compile_weighted_conditions(text_cond, composition)
     if unet.controlnet_linked_list is not None:
@@ -412,7 +425,8 @@ class CFGDenoiser:
     def forward(self, x, sigma, uncond, cond, composition, cond_scale):
         if self.p.is_hr_pass:
             cond_scale = self.p.hr_cfg
-        denoised, _, _ = sampling_function(self, x, sigma, uncond, cond, composition, cond_scale)
+        options = self.p.extra_model_options
+        denoised, _, _ = sampling_function(self, x, sigma, uncond, cond, composition, cond_scale, options)
         self.step += 1
         return denoised
 
@@ -440,6 +454,8 @@ class Processing:
     sampler: Sampler | None = None
     uc: torch.Tensor | None = None
     hr_uc: torch.Tensor | None = None
+    zero_negative: bool = False  # Forge Neo's opts.sdxl_zero_neg
+    extra_model_options: dict | None = None  # Forge Neo: the sampler's per-call model_options
 
     @property
     def prompt(self) -> str:
@@ -468,6 +484,8 @@ def _sample(p, hooks, x, sigmas):
     uc_scale = p.hr_cfg if p.is_hr_pass else p.cfg_scale
     # setup_conds: no uncond at all when the pass's CFG scale is 1
     uncond = encode([p.negative_prompt] * len(p.prompts)) if uc_scale != 1 else None
+    if uncond is not None and p.zero_negative and not p.negative_prompt:
+        uncond = torch.zeros_like(uncond)  # Forge Neo's opts.sdxl_zero_neg: an empty negative is zeroed
     if p.is_hr_pass:
         p.hr_uc = uncond
     else:
