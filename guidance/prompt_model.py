@@ -236,9 +236,6 @@ class Segment:
     last_step: int
     rows: tuple[Row, ...]
 
-    def covers(self, step: int) -> bool:
-        return self.first_step <= step <= self.last_step
-
 
 def prompt_segments(
     prompt: str, steps: int, hires_steps: int | None = None, use_old_scheduling: bool = False
@@ -262,9 +259,9 @@ def prompt_segments(
     return tuple(segments)
 
 
-def segment_at(segments: Sequence[Segment], step: int) -> Segment | None:
-    """The segment holding denoiser call `step`, or None past the run."""
-    return next((segment for segment in segments if segment.covers(step)), None)
+def span_at(spans: Sequence, step: int):
+    """The segment or span (anything with first_step, last_step) holding denoiser call `step`, or None."""
+    return next((span for span in spans if span.first_step <= step <= span.last_step), None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,6 +383,17 @@ def token_columns(chunks: Sequence[Sequence[int]], phrase_ids: Sequence[int]) ->
 def end_of_text_columns(chunks: Sequence[Sequence[int]]) -> list[int]:
     """The column of each chunk's first end-of-text token (after its prompt tokens)."""
     return [CHUNK_LENGTH * c + 1 + len(_chunk_body(chunk, c)) for c, chunk in enumerate(chunks)]
+
+
+@dataclass(frozen=True)
+class ColumnSpan:
+    """Denoiser calls `first_step`..`last_step` and, in the row encoded there, the columns of some
+    phrases and of each chunk's end-of-text token."""
+
+    first_step: int
+    last_step: int
+    columns: tuple[int, ...]
+    end_of_text: tuple[int, ...]
 
 
 def phrase_columns(text: str, phrases: Sequence[str], tokenizer: Tokenizer) -> dict[str, list[int]]:

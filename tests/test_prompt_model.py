@@ -44,9 +44,9 @@ def test_rows_at_every_denoiser_call(case):
         expected = [
             (next(text for end, text in part["schedule"] if step <= end), part["weight"]) for part in case["parts"]
         ]
-        rows = pm.segment_at(segments, step).rows
+        rows = pm.span_at(segments, step).rows
         assert [(row.text, row.weight) for row in rows] == expected, step
-    assert pm.segment_at(segments, calls) is None
+    assert pm.span_at(segments, calls) is None
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
