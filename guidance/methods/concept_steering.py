@@ -227,12 +227,14 @@ class ConceptSteering:
 
     def active(self, step: int, total_steps: int) -> bool:
         """True from step 0 (history and momentum build before the warm-up ends) until the cool-down;
-        False when no step of the run can add guidance."""
+        False when no step of the run can add guidance, and at steps whose rows hold none of the
+        concepts when there is no abstract term (nothing to add, nothing to learn: the host's CFG)."""
         schedule = self.schedule(total_steps)
         acting = self.concept_scale > 0 and step < schedule.cooldown and schedule.warmup + 1 < schedule.cooldown
         if not acting:
             self._finite.flush()
-        return acting
+            return False
+        return self._base.abstract or self.presence is None or any(self.presence(step))
 
     def term(self, image_step: ImageStep) -> torch.Tensor | None:
         eps_concepts = image_step.predictions(self.source, len(self.concepts), "concept steering")
