@@ -112,20 +112,7 @@ def plan_run(
     notes: list[str] = []
     wants = set(settings.active_methods)
     segments = [steps.segments(image.prompt) for image in images]
-    timelines = [ConceptTimeline((), ()) for _ in images]
-    needs_concepts = "concepts" in wants or ("regulation" in wants and not split_phrases(settings.regulation_targets))
-    if needs_concepts:
-        found = _timelines(settings, segments, notes)
-        if found is None:
-            wants.discard("concepts")
-            if not split_phrases(settings.regulation_targets):
-                wants.discard("regulation")
-        else:
-            timelines = found
-    if "concepts" in wants and not any(t.concepts for t in timelines):
-        notes.append("Concept steering: no concepts found in the prompt; it is off for this image.")
-        wants.discard("concepts")
-
+    timelines = _concept_plan(settings, wants, segments, notes)
     terms = _additive_terms(settings, wants, timelines)
     attention_methods = wants & {"scfg", "regulation"}
     if attention_methods and not attention_available:
@@ -147,9 +134,28 @@ def plan_run(
         router = AttentionRouter(region_scales=region_scales, regulator=regulator)
     run = GuidanceRun(settings, images, region_scale=region_scales, terms=terms)
     detected = []
-    if needs_concepts and not split_phrases(settings.concepts) and any(t.concepts for t in timelines):
+    if not split_phrases(settings.concepts) and any(t.concepts for t in timelines):
         detected = [timeline.describe(steps.calls) for timeline in timelines]
     return PlannedRun(run=run, router=router, notes=notes, detected_concepts=detected)
+
+
+def _concept_plan(settings: Settings, wants: set[str], segments, notes: list[str]) -> list[ConceptTimeline]:
+    """Each image's concept timeline where concepts are needed (concept steering, regulation without
+    a target list), else empty ones; drops from `wants` the methods left without concepts (noted)."""
+    timelines = [ConceptTimeline((), ()) for _ in segments]
+    user_targets = split_phrases(settings.regulation_targets)
+    if not ("concepts" in wants or ("regulation" in wants and not user_targets)):
+        return timelines
+    found = _timelines(settings, segments, notes)
+    if found is None:
+        wants.discard("concepts")
+        if not user_targets:
+            wants.discard("regulation")
+        return timelines
+    if "concepts" in wants and not any(t.concepts for t in found):
+        notes.append("Concept steering: no concepts found in the prompt; it is off for this image.")
+        wants.discard("concepts")
+    return found
 
 
 def _additive_terms(settings: Settings, wants: set[str], timelines: Sequence[ConceptTimeline]) -> list[list]:

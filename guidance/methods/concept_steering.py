@@ -87,6 +87,15 @@ def held_rows(present: torch.Tensor, rows: int, dtype: torch.dtype) -> torch.Ten
     return keep
 
 
+def similarity_gate(mean: torch.Tensor, schedule: ConceptSchedule, subjects: int) -> torch.Tensor:
+    """1.0 for each score whose windowed mean similarity is below its threshold, else 0.0."""
+    # thresholds built on the device: a tensor made from a list would be a host copy, a sync
+    thresholds = torch.full_like(mean, schedule.subject_threshold)
+    if schedule.abstract:
+        thresholds[subjects] = schedule.abstract_threshold
+    return (mean < thresholds).to(mean.dtype)
+
+
 def concept_step(
     prompt_score: torch.Tensor,
     subject_scores: torch.Tensor,
@@ -113,23 +122,14 @@ def concept_step(
     if schedule.abstract:  # the abstract term carries no momentum and points from P to a
         guidance_terms[subjects] = scores[subjects] - prompt_score
     new_momentum = schedule.momentum_beta * momentum + (1 - schedule.momentum_beta) * guidance_terms
-    keep = None if present is None else held_rows(present, scores.shape[0], dtype)
-    if keep is not None:
-        new_momentum = new_momentum * keep[:, None, None, None]
 
     mean = windowed_mean(history, step, schedule.window)
-    if schedule.in_window(step) and mean is not None:
-        # thresholds built on the device: a tensor made from a list would be a host copy, a sync
-        thresholds = torch.full_like(mean, schedule.subject_threshold)
-        if schedule.abstract:
-            thresholds[subjects] = schedule.abstract_threshold
-        gate = (mean < thresholds).to(dtype)
-        if keep is not None:
-            gate = gate * keep
-        guidance = (gate[:, None, None, None] * guidance_terms).sum(0)
-    else:
-        gate = torch.zeros(scores.shape[0], dtype=dtype, device=scores.device)
-        guidance = None
+    acting = schedule.in_window(step) and mean is not None
+    gate = similarity_gate(mean, schedule, subjects) if acting else torch.zeros_like(similarity)
+    if present is not None:
+        keep = held_rows(present, scores.shape[0], dtype)
+        gate, new_momentum = gate * keep, new_momentum * keep[:, None, None, None]
+    guidance = (gate[:, None, None, None] * guidance_terms).sum(0) if acting else None
     return ConceptStepResult(scores, similarity, new_momentum, gate, guidance)
 
 
