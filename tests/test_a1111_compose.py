@@ -18,7 +18,7 @@ from tests.a1111_host import A1111StandIn, a1111_modules
 SIZE = dict(width=64, height=64, steps=4, cfg_scale=7.0)
 PROMPTS = ["a red book and a gold clock", "a red book on a wooden table"]
 METHODS = {
-    "concepts": dict(enable=True, concepts_enable=True, concepts="red book; gold clock", concept_warmup=0.0),
+    "concepts": dict(enable=True, concepts_enable=True, concepts="red book", concept_warmup=0.0),
     "sega": dict(enable=True, sega_enable=True, sega_edits="+ sunglasses : 5"),
     "scfg": dict(enable=True, scfg_enable=True),
     "regulation": dict(

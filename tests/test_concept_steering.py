@@ -164,3 +164,47 @@ def test_the_adapter_reproduces_the_recorded_cases():
                 expected = tensors["noise_pred"][step, image]
                 torch.testing.assert_close(eps, expected, rtol=1e-5, atol=1e-5, msg=f"{case.id} step {step}")
                 assert len(steering.state.history) <= params["window"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Concepts the prompt's rows hold only at some steps (issue 15)
+
+
+def test_an_absent_subject_acts_as_if_it_were_not_in_the_list():
+    """present = [1, 0]: the guidance, the first subject's and the abstract rows are those of a run
+    with the first subject alone; the absent one is never gated and loses its momentum."""
+    prompt, subjects = _noise(4, 8, 8), _noise(2, 4, 8, 8, seed=1)
+    schedule = ConceptSchedule(warmup=0, cooldown=10, window=2, subject_threshold=0.5, abstract_threshold=0.5)
+    momentum = _noise(3, 4, 8, 8, seed=2)
+    history = {1: torch.tensor([0.1, 0.1, 0.1]), 2: torch.tensor([0.2, 0.2, 0.2])}
+    masked = concept_step(prompt, subjects, schedule, 3, momentum, history, torch.tensor([1.0, 0.0]))
+    alone = concept_step(
+        prompt, subjects[:1], schedule, 3, momentum[[0, 2]], {s: h[[0, 2]] for s, h in history.items()}
+    )
+    assert masked.gate.tolist() == [1.0, 0.0, 1.0] and alone.gate.tolist() == [1.0, 1.0]
+    torch.testing.assert_close(masked.guidance, alone.guidance, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(masked.momentum[[0, 2]], alone.momentum, rtol=1e-6, atol=1e-6)
+    assert not masked.momentum[1].any() and masked.similarity[1] == 0
+    everyone = concept_step(prompt, subjects, schedule, 3, momentum, history, torch.tensor([1.0, 1.0]))
+    plain = concept_step(prompt, subjects, schedule, 3, momentum, history)
+    assert torch.equal(everyone.guidance, plain.guidance) and torch.equal(everyone.momentum, plain.momentum)
+
+
+def test_presence_masks_are_made_once_per_pattern():
+    held = {0: (True, False), 1: (False, True), 2: (True, True)}
+    steering = ConceptSteering.from_settings(concept_settings(), ["dog", "cat"], presence=held.__getitem__)
+    first = steering.present_mask(0, torch.device("cpu"))
+    assert first.tolist() == [1.0, 0.0] and steering.present_mask(1, "cpu").tolist() == [0.0, 1.0]
+    assert steering.present_mask(0, torch.device("cpu")) is first
+    assert steering.present_mask(2, "cpu") is None  # all held: the unmasked step, bit for bit
+
+
+def test_a_concept_the_rows_never_hold_adds_nothing(eps_denoiser):
+    settings = concept_settings(concept_abstract=False, concept_warmup=0.0, concept_window=1,
+                                concept_subject_threshold=1.0)  # fmt: skip
+    plain = torch.stack(replay_run(eps_denoiser, _run(settings, ["a cat"], [[]])))
+    never = ConceptSteering.from_settings(settings, ["dragon"], presence=lambda step: (False,))
+    assert torch.equal(torch.stack(replay_run(eps_denoiser, _run(settings, ["a cat"], [[never]]))), plain)
+    always = ConceptSteering.from_settings(settings, ["dragon"], presence=lambda step: (True,))
+    steered = torch.stack(replay_run(eps_denoiser, _run(settings, ["a cat"], [[always]])))
+    assert (steered - plain)[2:].abs().amax(dim=(1, 2, 3, 4)).min() > 1e-4  # from the first gated step on

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from guidance.hosts.common import NOTE_KEY, attach_state, state_of
-from guidance.hosts.forge import ForgeAdapter, column_finder
+from guidance.hosts.forge import ForgeAdapter, host_tokenizer
 from guidance.params import build_settings
+from guidance.prompt_model import phrase_columns
 from guidance.prompts import extract_concepts
 from tests.testbed.forge import FluxLikeEngine, ForgeDiffusionEngine, Processing, generate
 
@@ -228,8 +229,7 @@ def test_cfg_one_declines_uncond_methods(engine):
 
 
 def test_find_columns_through_the_tokenizer(engine):
-    find = column_finder(engine)
-    columns = find("a photo of a red cat, BREAK a dog", ["red cat", "dog", "horse"])
+    columns = phrase_columns("a photo of a red cat, BREAK a dog", ["red cat", "dog", "horse"], host_tokenizer(engine))
     assert columns == {"red cat": [5, 6], "dog": [79], "horse": []}
 
 

@@ -22,7 +22,7 @@ from tests.testbed.forge import ForgeDiffusionEngine, Processing, calc_cond_unco
 
 PROMPTS = ("a photo of a red cat on a wooden table", "a red cat in a garden")
 METHODS = {
-    "concepts": dict(enable=True, concepts_enable=True, concepts="red cat; wooden table", concept_warmup=0.0),
+    "concepts": dict(enable=True, concepts_enable=True, concepts="red cat", concept_warmup=0.0),
     "sega": dict(enable=True, sega_enable=True, sega_edits="+ sunglasses : 5"),
     "scfg": dict(enable=True, scfg_enable=True),
     "regulation": dict(

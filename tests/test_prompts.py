@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 from guidance import prompts
+from guidance.prompt_model import prompt_segments
 from guidance.prompts import PipelineMissing, english_pipeline, format_phrases, split_phrases
 
 
@@ -46,33 +47,6 @@ def test_importing_guidance_loads_no_spacy_and_no_model():
 
 
 # ---------------------------------------------------------------------------------------------
-# WebUI syntax → plain text
-
-
-@pytest.mark.parametrize(
-    "prompt, plain",
-    [
-        ("(masterpiece:1.2), ((best quality)), [blurry]", "masterpiece, best quality, blurry"),
-        (r"a \(weird\) \[name\] sign", "a (weird) [name] sign"),
-        ("a [dog:cat:0.4] on a [red:blue:10] sofa", "a cat on a blue sofa"),
-        ("a house[, on fire:0.5]", "a house, on fire"),
-        ("a cat[ with a hat::0.5] sleeping", "a cat sleeping"),
-        ("a [cat|dog|fox] in snow", "a cat in snow"),
-        ("a [(red:1.3) car:blue car:0.5]", "a blue car"),
-        ("a lighthouse AND a stormy sea:1.3 AND gulls :0.5", "a lighthouse, a stormy sea, gulls"),
-        ("a knight BREAK a dragon", "a knight, a dragon"),
-        ("<lora:add_detail:0.8> a cabin <hypernet:anime:1>, snow", "a cabin, snow"),
-        ("photo of sks_dog by easynegative", "photo of sks_dog by easynegative"),
-        ("time: 5pm (clock:1.1", "time: 5pm clock"),
-        ("(a:b)", "a:b"),
-        ("", ""),
-    ],
-)
-def test_plain_text(prompt, plain):
-    assert prompts.plain_text(prompt) == plain
-
-
-# ---------------------------------------------------------------------------------------------
 # Concepts, on prompts written the ways people write them
 
 
@@ -95,9 +69,17 @@ def test_plain_text(prompt, plain):
             "<lora:add_detail:0.8> a cozy cabin in the snowy mountains <hypernet:anime:1>",
             ["cozy cabin", "snowy mountains"],
         ),
-        ("a [dog:cat:0.5] sitting on a [red:blue:10] sofa[, blurry::0.3]", ["cat", "blue sofa"]),
+        # every step's rows, in order of appearance (when each holds: the timeline tests below)
+        (
+            "a [dog:cat:0.5] sitting on a [red:blue:10] sofa[, blurry::0.3]",
+            ["dog", "red sofa", "blurry", "cat", "blue sofa"],
+        ),
         ("a lighthouse on a cliff AND a stormy sea:1.3", ["lighthouse", "cliff", "stormy sea"]),
-        (r"a ((beautiful)) [cat|dog] wearing (a tiny hat:1.3), \(photorealistic\)", ["beautiful cat", "tiny hat"]),
+        (
+            r"a ((beautiful)) [cat|dog] wearing (a tiny hat:1.3), \(photorealistic\)",
+            ["beautiful cat", "tiny hat", "beautiful dog"],
+        ),
+        ("a castle on a hill AND a dragon :-1 AND fog:0", ["castle", "hill"]),  # no subtracted subjects
         ("two cats and a Cat on her sofa, two cats, 8k, highres", ["two cats", "Cat", "sofa"]),
     ],
 )
@@ -116,74 +98,79 @@ def test_concepts_are_capped():
     assert len(found) == MAX_CONCEPTS and found[:2] == ["red ball", "blue ball"]
 
 
-def test_concepts_for_prefers_the_users_list_and_needs_no_pipeline_for_it(monkeypatch):
+def test_the_users_list_needs_no_pipeline_and_only_its_held_concepts_are_steered(monkeypatch):
     from guidance.params import build_settings
 
+    segments = prompt_segments("a red book and a gold clock AND a dragon:-1", 20)
     english_pipeline.cache_clear()
     monkeypatch.setattr(prompts, "ENGLISH_PIPELINES", ("no_such_pipeline_xyz",))
     try:
-        user = build_settings({"concepts": "red book; gold clock"})
-        assert prompts.concepts_for(user, "a red book and a gold clock") == ["red book", "gold clock"]
+        user = build_settings({"concepts": "Red Book; gold clock; dragon; lamp"})
+        timeline, missing = prompts.concept_timeline(user, segments)
+        assert timeline.concepts == ("Red Book", "gold clock") and missing == ["dragon", "lamp"]
+        assert timeline.spans == (((0, 19),), ((0, 19),))
         with pytest.raises(PipelineMissing, match="pip install spacy"):
-            prompts.concepts_for(build_settings({}), "a red book and a gold clock")
+            prompts.concept_timeline(build_settings({}), segments)
     finally:
         monkeypatch.undo()
         english_pipeline.cache_clear()
-    assert prompts.concepts_for(build_settings({}), "a red book and a gold clock") == ["red book", "gold clock"]
+    timeline, missing = prompts.concept_timeline(build_settings({}), segments)
+    assert timeline.concepts == ("red book", "gold clock") and missing == []
+
+
+def test_whole_words_only_for_the_users_concepts():
+    segments = prompt_segments("a catalogue of (red:1.2)   books", 10)
+    timeline, missing = prompts.user_timeline(["cat", "red books", "book"], segments)
+    assert timeline.concepts == ("red books",) and missing == ["cat", "book"]
 
 
 # ---------------------------------------------------------------------------------------------
-# Phrase → context columns, with a small deterministic tokenizer shaped like the WebUI's
+# Which concepts hold when (issue 15)
 
 
-BOS, EOS = 49406, 49407
+def timeline(prompt: str, steps: int = 20) -> prompts.ConceptTimeline:
+    return prompts.detected_timeline(prompt_segments(prompt, steps))
 
 
-def fake_words(text: str) -> list[int]:
-    """One id per lowercase word (CLIP-like ids, no specials)."""
-    return [1000 + sum(ord(c) for c in word) for word in text.lower().replace(",", " , ").split()]
+def test_subtracted_and_zero_weight_parts_give_no_concepts():
+    found = timeline("a castle on a hill AND a dragon :-1 AND a knight:0")
+    assert found.concepts == ("castle", "hill") and found.describe(20) == ["castle", "hill"]
 
 
-def fake_chunks(text: str) -> list[list[int]]:
-    """Like tokenize_line: BREAK closes a chunk, a chunk holds 75 tokens, each is BOS + 75 + EOS."""
-    chunks = []
-    for part in text.split("BREAK"):
-        ids = fake_words(part)
-        for start in range(0, max(len(ids), 1), 75):
-            body = ids[start : start + 75]
-            chunks.append([BOS, *body, *[EOS] * (75 - len(body)), EOS])
-    return chunks
+def test_a_scheduled_concept_holds_only_while_its_text_is_in_the_row():
+    found = timeline("[a dog:a cat:0.5] on a sofa")
+    assert found.concepts == ("dog", "sofa", "cat")
+    assert found.spans == (((0, 10),), ((0, 19),), ((11, 19),))
+    assert found.describe(20) == ["dog (steps 1–11)", "sofa", "cat (steps 12–20)"]
+    assert found.present(10) == (True, True, False) and found.present(11) == (False, True, True)
+    assert found.present(25) == (False, True, True)  # past the run: the last rows
 
 
-def test_token_columns_in_one_chunk_repeated_and_absent():
-    chunks = fake_chunks("a red book and a red book on a table")
-    assert prompts.token_columns(chunks, fake_words("red book")) == [2, 3, 6, 7]
-    assert prompts.token_columns(chunks, fake_words("table")) == [10]
-    assert prompts.token_columns(chunks, fake_words("clock")) == []
-    assert prompts.token_columns(chunks, []) == []
+def test_a_text_no_step_reaches_is_no_concept():
+    assert timeline("[red apple:green pear:40]").concepts == ("red apple",)
+    assert timeline("[red apple:green pear:12]").describe(20) == ["red apple (steps 1–13)", "green pear (steps 14–20)"]
 
 
-def test_token_columns_after_break_and_across_long_prompts():
-    chunks = fake_chunks("a cat BREAK a red book")
-    assert len(chunks) == 2
-    assert prompts.token_columns(chunks, fake_words("red book")) == [77 + 2, 77 + 3]
-    filler = " ".join(["grass"] * 80)  # 80 tokens: chunk 0 holds 75, chunk 1 the rest
-    long_chunks = fake_chunks(f"{filler} golden clock")
-    assert len(long_chunks) == 2
-    assert prompts.token_columns(long_chunks, fake_words("golden clock")) == [77 + 6, 77 + 7]
-    assert len(prompts.token_columns(long_chunks, fake_words("grass"))) == 80
+def test_alternation_alternates_its_concepts():
+    found = timeline("a [cat|dog] in snow", 6)
+    assert found.concepts == ("cat", "snow", "dog")
+    # the host's schedule entry 1 serves calls 0 and 1, entry 2 call 2, …
+    assert [found.present(step) for step in range(6)] == [
+        (True, True, False),
+        (True, True, False),
+        (False, True, True),
+        (True, True, False),
+        (False, True, True),
+        (True, True, False),
+    ]
+    assert found.describe(6) == ["cat (steps 1–2, 4, 6)", "snow", "dog (steps 3, 5)"]
+    assert timeline("a [cat|dog] in snow", 20).describe(20)[2] == "dog (9 of 20 steps, alternating)"
 
 
-def test_token_columns_never_match_the_specials_or_bad_chunks():
-    chunks = fake_chunks("a cat")
-    assert prompts.token_columns(chunks, [EOS]) == []  # neither the EOS nor the padding after it
-    assert prompts.token_columns(chunks, [BOS]) == []
-    with pytest.raises(ValueError, match="expected 77"):
-        prompts.token_columns([[BOS, 5, EOS]], [5])
+def test_the_concept_list_is_capped_over_the_whole_run():
+    from guidance.params import MAX_CONCEPTS, build_settings
 
-
-def test_phrase_columns_maps_every_phrase():
-    columns = prompts.phrase_columns(
-        "a red book BREAK a gold clock, a red book", ["red book", "gold clock", "lamp"], fake_chunks, fake_words
-    )
-    assert columns == {"red book": [2, 3, 77 + 6, 77 + 7], "gold clock": [77 + 2, 77 + 3], "lamp": []}
+    many = "[" + ", ".join(f"a {c} ball" for c in ("red", "blue", "green", "pink")) + ":"
+    many += ", ".join(f"a {c} cube" for c in ("red", "blue", "green", "pink")) + ":0.5]"
+    found, _ = prompts.concept_timeline(build_settings({}), prompt_segments(many, 20))
+    assert len(found.concepts) == MAX_CONCEPTS == len(found.spans) and found.concepts[:2] == ("red ball", "blue ball")

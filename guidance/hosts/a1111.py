@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..engine import GuidanceError, combine_cfg
-from ..planning import PlannedRun, plan_run
+from ..planning import PlannedRun, plan_run, run_steps
+from ..prompt_model import Tokenizer
 from .a1111_attention import UNetRouting
 from .a1111_conds import append_rows, conds_for_step, encode_extra_prompts
 from .a1111_rows import step_inputs
@@ -99,26 +100,9 @@ def _tokenizer_wrapper(model):
     return wrapper if wrapper is not None and hasattr(wrapper, "tokenize_line") else None
 
 
-def _token_finders(model):
-    """(phrase → context columns, prompt → end-of-text columns) through the host's tokenizer
-    (a1111.md §6.6: chunk c, entry j is context column 77·c + j), or (None, None)."""
-    wrapper = _tokenizer_wrapper(model)
-    if wrapper is None:
-        return None, None
-
-    from ..prompts import phrase_columns
-
-    def chunks(text: str) -> list[list[int]]:
-        return [list(chunk.tokens) for chunk in wrapper.tokenize_line(text)[0]]
-
-    def words(text: str) -> list[int]:
-        return list(wrapper.tokenize([text])[0])
-
-    def end_of_text(text: str) -> list[int]:
-        eos_id = chunks("")[0][-1]
-        return [77 * c + tokens.index(eos_id, 1) for c, tokens in enumerate(chunks(text)) if eos_id in tokens[1:]]
-
-    return (lambda prompt, phrases: phrase_columns(prompt, phrases, chunks, words)), end_of_text
+def _tokenizer(model) -> Tokenizer | None:
+    """The host's tokenizer for token columns (a1111.md §6.6), or None: the prompt model finds them."""
+    return Tokenizer.of(_tokenizer_wrapper(model))
 
 
 class A1111Adapter:
@@ -153,8 +137,7 @@ class A1111Adapter:
             return
         prompts = getattr(p, "hr_prompts", None) if getattr(p, "is_hr_pass", False) else None
         images = batch_images(p, prompts=prompts)
-        find_columns, find_eos = _token_finders(p.sd_model)
-        planned = plan_run(settings, images, find_columns=find_columns, find_eos=find_eos)
+        planned = plan_run(settings, images, run_steps(p), tokenizer=_tokenizer(p.sd_model))
         record_plan(p, planned)
         if not planned.acting:
             return

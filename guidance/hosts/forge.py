@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..params import METHOD_SWITCHES
-from ..planning import plan_run
+from ..planning import plan_run, run_steps
+from ..prompt_model import Tokenizer
 from .common import batch_images, record_plan, report, settings_for_pass, state_of
 from .forge_patches import ForgePatches
 
@@ -80,20 +81,11 @@ def encode_prompts(p, texts: list[str], cache: dict) -> list:
     return [cache[(text, width, height)] for text in texts]
 
 
-def column_finder(model):
-    """phrase → context columns through Forge's text processing engine (forge.md §3.6)."""
-    engine = getattr(model, "text_processing_engine", None) or getattr(model, "text_processing_engine_l", None)
-    if engine is None or not hasattr(engine, "tokenize_line"):
-        return None
-    from ..prompts import phrase_columns
-
-    def chunks(text: str) -> list[list[int]]:
-        return [list(chunk.tokens) for chunk in engine.tokenize_line(text)[0]]
-
-    def words(text: str) -> list[int]:
-        return list(engine.tokenize([text])[0])
-
-    return lambda prompt, phrases: phrase_columns(prompt, phrases, chunks, words)
+def host_tokenizer(model) -> Tokenizer | None:
+    """Forge's text processing engine as the prompt model's tokenizer (forge.md §3.6), or None."""
+    return Tokenizer.of(
+        getattr(model, "text_processing_engine", None) or getattr(model, "text_processing_engine_l", None)
+    )
 
 
 def _step_source(p):
@@ -139,7 +131,7 @@ class ForgeAdapter:
             return
         hires = getattr(p, "is_hr_pass", False)
         images = batch_images(p, prompts=getattr(p, "hr_prompts", None) if hires else None)
-        planned = plan_run(settings, images, find_columns=column_finder(p.sd_model))
+        planned = plan_run(settings, images, run_steps(p), tokenizer=host_tokenizer(p.sd_model))
         record_plan(p, planned)
         if not planned.acting:
             return

@@ -25,6 +25,7 @@ import torch
 
 from ..attention import attention, attention_scores, merge_heads, select_rows, split_heads
 from ..engine import schedule_index
+from ..prompt_model import ColumnSpan, span_at
 
 QUANTILE = 0.9
 QUANTILE_TARGET = 0.9
@@ -167,6 +168,13 @@ def edited_probabilities(edited: torch.Tensor, scores: torch.Tensor, restore: Se
     return probs
 
 
+def restored_columns(targets: Sequence[int], eos: int | Sequence[int] | None) -> list[int]:
+    """The columns whose unedited probabilities are put back: start-of-text and end-of-text
+    (METHODS.md §4.4, the authors' quirk), unless they are targets."""
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return [c for c in dict.fromkeys([0, *eos]) if c not in targets]
+
+
 @dataclass
 class _LayerState:
     step: int
@@ -188,6 +196,7 @@ class AttentionRegulator:
         decay: float = 0.99,
         layers: str = "last down + first up",
         eos_columns: Sequence[int | Sequence[int] | None] | None = None,
+        spans: Sequence[Sequence[ColumnSpan]] | None = None,
     ):
         self.targets = [list(dict.fromkeys(int(t) for t in image_targets)) for image_targets in targets]
         self.seeds = [int(s) for s in seeds]
@@ -199,12 +208,12 @@ class AttentionRegulator:
         self.previous_weight = float(previous_weight)
         self.decay = float(decay)
         self.layers = layers
-        restore = []
-        for image in range(len(self.targets)):
-            eos = None if eos_columns is None else eos_columns[image]
-            eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-            restore.append([c for c in dict.fromkeys([0, *eos]) if c not in self.targets[image]])
-        self.restore = restore
+        eos_columns = [None] * len(self.targets) if eos_columns is None else eos_columns
+        self.restore = [restored_columns(t, eos) for t, eos in zip(self.targets, eos_columns, strict=True)]
+        # per image, the target and end-of-text columns of each step segment of its first cond row
+        # (prompt_model.ColumnSpan); they replace `targets`/`restore` at every step when given
+        self.spans = [list(image_spans) for image_spans in spans] if spans is not None else None
+        self._span_step: int | None = None
         self.initial_weights: dict | None = None  # {(layer key, image): θ0 (heads, K, n_t)}, for tests
         self.record: dict | None = None  # set to {} to keep each call's intermediates
         self._generators: dict[tuple[int, torch.device], torch.Generator] = {}
@@ -218,6 +227,7 @@ class AttentionRegulator:
         targets: Sequence[Sequence[int]],
         seeds: Sequence[int],
         eos_columns: Sequence[int | Sequence[int] | None] | None = None,
+        spans: Sequence[Sequence[ColumnSpan]] | None = None,
     ) -> AttentionRegulator:
         return cls(
             targets,
@@ -229,9 +239,26 @@ class AttentionRegulator:
             decay=float(settings.regulation_decay),
             layers=str(settings.regulation_layers),
             eos_columns=eos_columns,
+            spans=spans,
         )
 
+    def at_step(self, step: int) -> None:
+        """Takes the targets and restored columns of the segments holding `step`; an image whose
+        targets change starts its layers' bias history afresh (its old columns mean other words)."""
+        if self.spans is None or step == self._span_step:
+            return
+        self._span_step = step
+        for image, image_spans in enumerate(self.spans):
+            span = span_at(image_spans, step)
+            targets = list(span.columns) if span is not None else []
+            if targets != self.targets[image]:
+                for key in [key for key in self._state if key[1] == image]:
+                    del self._state[key]
+            self.targets[image] = targets
+            self.restore[image] = restored_columns(targets, span.end_of_text if span is not None else None)
+
     def active(self, step: int, total_steps: int) -> bool:
+        self.at_step(step)
         return any(self.targets) and step < schedule_index(self.end, total_steps)
 
     def _generator(self, image: int, device: torch.device) -> torch.Generator:
@@ -271,6 +298,7 @@ class AttentionRegulator:
     ) -> torch.Tensor:
         """Edited probabilities for the cond rows of `images`: scores (len(images)·heads, N, M)
         float32, image-major. Images without targets get the plain softmax."""
+        self.at_step(step)
         basis = self._basis(map_size, scores.device)
         probs = scores.softmax(dim=-1)
         if basis.shape[0] == 0:
@@ -352,6 +380,7 @@ class AttentionRegulator:
         """The layer's output with the cond rows `cond_rows` ((row, image) pairs) regulated; other
         rows take the fast path (or `out`, when given). Also returns the head-averaged probabilities
         of the regulated rows (len(cond_rows), N, M), or None when no row was regulated."""
+        self.at_step(step)
         if out is None:
             out = attention(q, k, v, heads, upcast)
         rows = [row for row, image in cond_rows if self.targets[image]]

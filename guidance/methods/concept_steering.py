@@ -10,7 +10,7 @@ the mean similarity over the previous `window` steps (not the current one) is be
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -80,6 +80,22 @@ def windowed_mean(history: Mapping[int, torch.Tensor], step: int, window: int) -
     return torch.stack(recent).mean(0) if recent else None
 
 
+def held_rows(present: torch.Tensor, rows: int, dtype: torch.dtype) -> torch.Tensor:
+    """(rows,): 1 for the subjects held at this step and for the abstract row (always held)."""
+    keep = torch.ones(rows, dtype=dtype, device=present.device)
+    keep[: present.shape[0]] = present.to(dtype)
+    return keep
+
+
+def similarity_gate(mean: torch.Tensor, schedule: ConceptSchedule, subjects: int) -> torch.Tensor:
+    """1.0 for each score whose windowed mean similarity is below its threshold, else 0.0."""
+    # thresholds built on the device: a tensor made from a list would be a host copy, a sync
+    thresholds = torch.full_like(mean, schedule.subject_threshold)
+    if schedule.abstract:
+        thresholds[subjects] = schedule.abstract_threshold
+    return (mean < thresholds).to(mean.dtype)
+
+
 def concept_step(
     prompt_score: torch.Tensor,
     subject_scores: torch.Tensor,
@@ -87,12 +103,16 @@ def concept_step(
     step: int,
     momentum: torch.Tensor | None,
     history: Mapping[int, torch.Tensor],
+    present: torch.Tensor | None = None,
 ) -> ConceptStepResult:
     """One step for one image. prompt_score P (C, H, W), subject_scores S (K, C, H, W); `history`
-    maps earlier steps to their similarities (this step's is not added here). No GPU sync: the gate
-    is a tensor multiplied in."""
+    maps earlier steps to their similarities (this step's is not added here); `present` (K,) is 1
+    for the subjects the prompt's rows hold at this step: the others add nothing, take no part in
+    the abstract projection and lose their momentum. No GPU sync: gates are tensors multiplied in."""
     dtype = compute_dtype(prompt_score)
     prompt_score, subject_scores = prompt_score.to(dtype), subject_scores.to(dtype)
+    if present is not None:
+        subject_scores = subject_scores * present.to(dtype)[:, None, None, None]
     scores = concept_scores(prompt_score, subject_scores, schedule.percentile, schedule.abstract)
     similarity = abs_cosine(prompt_score, scores)
     subjects = subject_scores.shape[0]
@@ -104,16 +124,12 @@ def concept_step(
     new_momentum = schedule.momentum_beta * momentum + (1 - schedule.momentum_beta) * guidance_terms
 
     mean = windowed_mean(history, step, schedule.window)
-    if schedule.in_window(step) and mean is not None:
-        # thresholds built on the device: a tensor made from a list would be a host copy, a sync
-        thresholds = torch.full_like(mean, schedule.subject_threshold)
-        if schedule.abstract:
-            thresholds[subjects] = schedule.abstract_threshold
-        gate = (mean < thresholds).to(dtype)
-        guidance = (gate[:, None, None, None] * guidance_terms).sum(0)
-    else:
-        gate = torch.zeros(scores.shape[0], dtype=dtype, device=scores.device)
-        guidance = None
+    acting = schedule.in_window(step) and mean is not None
+    gate = similarity_gate(mean, schedule, subjects) if acting else torch.zeros_like(similarity)
+    if present is not None:
+        keep = held_rows(present, scores.shape[0], dtype)
+        gate, new_momentum = gate * keep, new_momentum * keep[:, None, None, None]
+    guidance = (gate[:, None, None, None] * guidance_terms).sum(0) if acting else None
     return ConceptStepResult(scores, similarity, new_momentum, gate, guidance)
 
 
@@ -142,6 +158,7 @@ class ConceptSteering:
         cooldown: float = 1.0,
         window: int = 5,
         abstract: bool = True,
+        presence: Callable[[int], Sequence[bool]] | None = None,
     ):
         if not concepts:
             raise ValueError("concept steering needs at least one concept")
@@ -160,11 +177,16 @@ class ConceptSteering:
             abstract,
         )
         self._schedules: dict[int, ConceptSchedule] = {}
+        # step → which concepts the prompt's rows hold (scheduled and alternating prompts); None: all
+        self.presence = presence
+        self._masks: dict[tuple, torch.Tensor] = {}
         self.state = _ImageState()
         self._finite = FiniteCheck("concept steering")
 
     @classmethod
-    def from_settings(cls, settings: Settings, concepts: Sequence[str]) -> ConceptSteering:
+    def from_settings(
+        cls, settings: Settings, concepts: Sequence[str], presence: Callable[[int], Sequence[bool]] | None = None
+    ) -> ConceptSteering:
         subject_threshold, abstract_threshold = settings.concept_subject_threshold, settings.concept_abstract_threshold
         if settings.concept_auto_threshold:  # the paper's η = 1/(n+1) for n subject concepts
             subject_threshold = abstract_threshold = 1.0 / (len(concepts) + 1)
@@ -180,7 +202,19 @@ class ConceptSteering:
             cooldown=settings.concept_cooldown,
             window=settings.concept_window,
             abstract=settings.concept_abstract,
+            presence=presence,
         )
+
+    def present_mask(self, step: int, device) -> torch.Tensor | None:
+        """(K,) 1 for the concepts held at `step`, or None when all are; one tensor per pattern and
+        device, so the hot path makes no host-to-device copy after the first step of a pattern."""
+        held = tuple(bool(h) for h in self.presence(step)) if self.presence is not None else ()
+        if all(held):
+            return None
+        key = (held, device)
+        if key not in self._masks:
+            self._masks[key] = torch.tensor(held, dtype=torch.float32, device=device)
+        return self._masks[key]
 
     def extra_prompts(self) -> list[str]:
         return list(self.concepts)
@@ -193,12 +227,14 @@ class ConceptSteering:
 
     def active(self, step: int, total_steps: int) -> bool:
         """True from step 0 (history and momentum build before the warm-up ends) until the cool-down;
-        False when no step of the run can add guidance."""
+        False when no step of the run can add guidance, and at steps whose rows hold none of the
+        concepts when there is no abstract term (nothing to add, nothing to learn: the host's CFG)."""
         schedule = self.schedule(total_steps)
         acting = self.concept_scale > 0 and step < schedule.cooldown and schedule.warmup + 1 < schedule.cooldown
         if not acting:
             self._finite.flush()
-        return acting
+            return False
+        return self._base.abstract or self.presence is None or any(self.presence(step))
 
     def term(self, image_step: ImageStep) -> torch.Tensor | None:
         eps_concepts = image_step.predictions(self.source, len(self.concepts), "concept steering")
@@ -212,6 +248,7 @@ class ConceptSteering:
             step,
             self.state.momentum,
             self.state.history,
+            self.present_mask(step, image_step.eps_uncond.device),
         )
         self.state.momentum = result.momentum
         history = self.state.history
