@@ -63,9 +63,46 @@ def attention_scores(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tens
     return torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
 
 
-def head_averaged_probabilities(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
-    """softmax(q·kᵀ/√d) averaged over the heads, float32 (B, N, M). Per-head maps are transient."""
-    return attention_scores(q, k, heads).softmax(dim=-1).mean(dim=1)
+CPU_CAPTURE_BUDGET = 256 * 2**20  # bytes of per-head intermediates per chunk off CUDA
+CUDA_BUDGET_SHARE = 0.25  # of the memory the device can still give, for one chunk's intermediates
+MIN_CAPTURE_BUDGET = 16 * 2**20
+MAX_CAPTURE_BUDGET = 2 * 2**30
+
+
+def capture_budget(device: torch.device) -> int:
+    """Bytes one chunk of per-head capture intermediates may take: on CUDA a share of what is free
+    (the driver's free memory plus the caching allocator's unused reserve), elsewhere a fixed budget."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return CPU_CAPTURE_BUDGET
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return int(min(max(free * CUDA_BUDGET_SHARE, MIN_CAPTURE_BUDGET), MAX_CAPTURE_BUDGET))
+
+
+def capture_chunk_rows(rows: int, heads: int, queries: int, keys: int, budget: int) -> int:
+    """Query rows per chunk so that the chunk's float32 scores and probabilities (rows, heads,
+    chunk, keys), two tensors alive at once, fit in `budget` bytes; at least 1."""
+    per_query = 2 * rows * heads * keys * 4
+    return max(1, min(queries, budget // per_query))
+
+
+def head_averaged_probabilities(
+    q: torch.Tensor, k: torch.Tensor, heads: int, budget: int = CPU_CAPTURE_BUDGET
+) -> torch.Tensor:
+    """softmax(q·kᵀ/√d) averaged over the heads, float32 (B, N, M), built chunk by chunk over the
+    query rows so that the per-head float32 intermediates of one chunk stay within `budget` bytes."""
+    batch, queries, _ = q.shape
+    keys = k.shape[1]
+    k_heads = split_heads(k, heads).float().transpose(-1, -2)  # (B, h, d, M)
+    scale = (q.shape[-1] // heads) ** -0.5
+    result = torch.empty(batch, queries, keys, dtype=torch.float32, device=q.device)
+    chunk = capture_chunk_rows(batch, heads, queries, keys, budget)
+    for start in range(0, queries, chunk):
+        q_chunk = split_heads(q[:, start : start + chunk], heads).float()
+        probs = torch.matmul(q_chunk, k_heads).mul_(scale).softmax(dim=-1)
+        torch.mean(probs, dim=1, out=result[:, start : start + chunk])
+    return result
 
 
 def attention_from_probabilities(probs: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

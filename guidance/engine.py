@@ -110,6 +110,9 @@ class AdditiveTerm(Protocol):
 
     def term(self, image_step: ImageStep) -> torch.Tensor | None: ...  # (C, H, W) or None
 
+    # Optional: `rows_used(step, total_steps) -> Sequence[bool]`, one per extra prompt, whether
+    # `term` reads that prompt's prediction at the step. Without it: all of them while `active`.
+
 
 def schedule_index(fraction: float, total_steps: int) -> int:
     """A schedule point given as a fraction of the run, as a step index of this run (halves round
@@ -150,6 +153,15 @@ class PredictionSpace:
         return self.x[image] - self.sigma[image] * eps
 
 
+def _term_rows_used(term: AdditiveTerm, step: int, total_steps: int) -> list[bool]:
+    """One term's `rows_used`, or every prompt of it while it is active."""
+    count = len(term.extra_prompts())
+    rows_used = getattr(term, "rows_used", None)
+    if rows_used is not None:
+        return [bool(used) for used in rows_used(step, total_steps)]
+    return [term.active(step, total_steps)] * count
+
+
 class GuidanceRun:
     """Per sampler run: the validated settings, the per-image method objects and their state."""
 
@@ -173,6 +185,7 @@ class GuidanceRun:
             for text in term.extra_prompts()
         )
         self.steps_seen = 0
+        self._noted: set[str] = set()
 
     @property
     def batch_size(self) -> int:
@@ -232,6 +245,27 @@ class GuidanceRun:
                     eps = eps + added
             guided[image] = space.from_eps(eps, image)
         return guided
+
+    def rows_used(self, step: int, total_steps: int) -> tuple[bool, ...]:
+        """Per entry of `extra_rows`, whether its prediction is read at this step (a term acts and
+        that prompt is not cooled down): the adapters leave the others out of the UNet batch."""
+        used: list[bool] = []
+        for image_terms in self.terms:
+            for term in image_terms:
+                used += _term_rows_used(term, step, total_steps)
+        return tuple(used)
+
+    def rows_needed(self, step: int, total_steps: int) -> bool:
+        """Whether any extra row is read at this step."""
+        return any(self.rows_used(step, total_steps))
+
+    def take_notes(self) -> list[str]:
+        """Notes the methods made since the last call (e.g. S-CFG cannot act at CFG 0), for the
+        adapter's report; each note once."""
+        notes = list(getattr(self.region_scale, "notes", None) or [])
+        new = [note for note in notes if note not in self._noted]
+        self._noted.update(new)
+        return new
 
     def _split_extra(self, inputs: StepInputs) -> list[dict[str, list[torch.Tensor]]]:
         by_image: list[dict[str, list[torch.Tensor]]] = [{} for _ in self.images]

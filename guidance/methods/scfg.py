@@ -164,6 +164,9 @@ class RegionScales:
         self._acc: dict[tuple[int, str], _Accumulator] = {}
         self._pending: list[_Pending] = []
         self._self_attention: dict[tuple, tuple[torch.Tensor, tuple]] = {}
+        self.stopped = False
+        self.notes: list[str] = []  # for the adapter's report, taken through GuidanceRun.take_notes
+        self.nonfinite: torch.Tensor | None = None  # device flag: a rate map was not finite
 
     @classmethod
     def from_settings(cls, settings, batch_size: int) -> RegionScales:
@@ -179,7 +182,20 @@ class RegionScales:
 
     # -- schedule ---------------------------------------------------------------------------------
     def active(self, step: int, total_steps: int) -> bool:
+        if self.stopped:
+            return False
         return schedule_index(self.start, total_steps) <= step < schedule_index(self.end, total_steps)
+
+    def stop(self) -> None:
+        """No region scaling for the rest of the run (the attention capture failed); drops captures."""
+        self.stopped = True
+        self._acc.clear()
+        self._pending.clear()
+        self._self_attention.clear()
+
+    def _note(self, message: str) -> None:
+        if message not in self.notes:
+            self.notes.append(message)
 
     def wants(self, factor: int) -> bool:
         """Whether blocks at downsampling factor r = H_latent/h are captured."""
@@ -272,7 +288,10 @@ class RegionScales:
         cond = self._acc.pop((image_step.image, COND), None)
         uncond = self._acc.pop((image_step.image, UNCOND), None)
         direction = image_step.direction
-        if cond is None or uncond is None or self._step != image_step.step:
+        if image_step.cfg_scale <= 0:
+            scale = f"{image_step.cfg_scale:g}"
+            self._note(f"S-CFG: at CFG scale {scale} there is no CFG direction to scale; it does not act.")
+        if cond is None or uncond is None or self._step != image_step.step or image_step.cfg_scale <= 0:
             return torch.ones((1, 1, 1), dtype=direction.dtype, device=direction.device)
         result = region_rate(
             cond.total / cond.count,
@@ -285,7 +304,14 @@ class RegionScales:
         )
         if self.keep_intermediates:
             self.intermediates[image_step.image] = result
-        return result["rate"].to(direction.dtype)
+        return self._finite_or_one(result["rate"]).to(direction.dtype)
+
+    def _finite_or_one(self, rate: torch.Tensor) -> torch.Tensor:
+        """The rate where finite, else 1 (plain CFG there); the flag stays on the device (no sync)."""
+        bad = ~torch.isfinite(rate)
+        seen = bad.any()
+        self.nonfinite = seen if self.nonfinite is None else self.nonfinite | seen
+        return torch.where(bad, torch.ones_like(rate), rate)
 
 
 def _take(tensor: torch.Tensor, rows: list[int]) -> torch.Tensor:
