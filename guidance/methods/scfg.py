@@ -293,9 +293,10 @@ class RegionScales:
             self._note(f"S-CFG: at CFG scale {scale} there is no CFG direction to scale; it does not act.")
         if cond is None or uncond is None or self._step != image_step.step or image_step.cfg_scale <= 0:
             return torch.ones((1, 1, 1), dtype=direction.dtype, device=direction.device)
+        token_maps, fore_maps = cond.total / cond.count, uncond.total / uncond.count
         result = region_rate(
-            cond.total / cond.count,
-            uncond.total / uncond.count,
+            token_maps,
+            fore_maps,
             direction,
             image_step.cfg_scale,
             self.rate_min,
@@ -304,14 +305,14 @@ class RegionScales:
         )
         if self.keep_intermediates:
             self.intermediates[image_step.image] = result
-        return self._finite_or_one(result["rate"]).to(direction.dtype)
+        return self._finite_or_one(result["rate"], (token_maps, fore_maps)).to(direction.dtype)
 
-    def _finite_or_one(self, rate: torch.Tensor) -> torch.Tensor:
-        """The rate where finite, else 1 (plain CFG there); the flag stays on the device (no sync)."""
-        bad = ~torch.isfinite(rate)
-        seen = bad.any()
-        self.nonfinite = seen if self.nonfinite is None else self.nonfinite | seen
-        return torch.where(bad, torch.ones_like(rate), rate)
+    def _finite_or_one(self, rate: torch.Tensor, maps: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The rate, or 1 everywhere (plain CFG) when it or the maps it came from hold NaN/inf; the
+        flag stays on the device (no sync)."""
+        finite = torch.stack([torch.isfinite(t).all() for t in (rate, *maps)]).all()
+        self.nonfinite = ~finite if self.nonfinite is None else self.nonfinite | ~finite
+        return torch.where(finite, rate, torch.ones_like(rate))
 
 
 def _take(tensor: torch.Tensor, rows: list[int]) -> torch.Tensor:
