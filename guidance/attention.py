@@ -94,7 +94,7 @@ def head_averaged_probabilities(
     query rows so that the per-head float32 intermediates of one chunk stay within `budget` bytes."""
     batch, queries, _ = q.shape
     keys = k.shape[1]
-    k_heads = split_heads(k, heads).float().transpose(-1, -2)  # (B, h, d, M)
+    k_heads = split_heads(k, heads).float().transpose(-1, -2).contiguous()  # (B, h, d, M), copied once
     scale = (q.shape[-1] // heads) ** -0.5
     result = torch.empty(batch, queries, keys, dtype=torch.float32, device=q.device)
     chunk = capture_chunk_rows(batch, heads, queries, keys, budget)
