@@ -32,10 +32,22 @@ def reported(monkeypatch):
 
     def prepare_with_reports(self, p, state):
         prepare(self, p, state)
-        routing = getattr(state.active, "routing", None)
-        if routing is not None:
+        if state.active is None:
+            return
+        routing = state.active.routing
+        if routing is not None and routing.router is not None:
             seen.append(routing)
             routing.on_error = lambda note: report(p, note)
+        run = state.active.planned.run
+        step = run.step
+
+        def step_and_report(inputs):  # after GuidanceRun.step: the notes its methods made
+            guided = step(inputs)
+            for note in run.take_notes():
+                report(p, note)
+            return guided
+
+        run.step = step_and_report
 
     monkeypatch.setattr(a1111.A1111Adapter, "prepare", prepare_with_reports)
     return seen
@@ -210,3 +222,59 @@ def test_inactive_steps_call_the_hosts_own_attention(host, reported, monkeypatch
     monkeypatch.setattr(AttentionRouter, "forward", recording)
     host.generate(args=host.args(**METHODS["scfg"], scfg_start=0.5), prompt=PROMPT, **SIZE)
     assert steps and min(steps) == 2  # steps 0 and 1 (of 4) are outside S-CFG's window
+
+
+# ---------------------------------------------------------------------------------------------
+# bad numbers through the whole host path, every method on
+
+ALL = dict(METHODS["all"], sega_edits="+ gold clock : 6")
+SMALL = dict(width=64, height=64, steps=3, cfg_scale=7.0)
+
+
+def _init(batch=1):
+    return torch.randn(batch, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+
+
+BAD_NUMBERS = {
+    # name: (kind, fields, notes expected in the infotext)
+    "cfg-0": ("txt2img", dict(SIZE, cfg_scale=0.0), ["S-CFG: at CFG scale 0 there is no CFG direction to scale"]),
+    "cfg-1": ("txt2img", dict(SIZE, cfg_scale=1.0), []),
+    "steps-1": ("txt2img", dict(SIZE, steps=1), []),
+    "denoising-0": ("img2img", dict(SIZE, init_latent=_init(), denoising_strength=0.0), []),
+    "192x128": ("txt2img", dict(SIZE, width=192, height=128), []),
+    "batch-8": ("txt2img", dict(SMALL, batch_size=8), []),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_NUMBERS))
+def test_bad_numbers_give_an_image_and_say_what_could_not_act(host, reported, capsys, case):
+    kind, fields, expected = BAD_NUMBERS[case]
+    baseline = host.generate(kind, extension=False, prompt=PROMPT, **fields)
+    processed = host.generate(kind, args=host.args(**ALL), prompt=PROMPT, **fields)
+    images, plain = torch.stack(processed.images), torch.stack(baseline.images)
+    assert images.shape == plain.shape and torch.isfinite(images).all()
+    assert processed.errors == [] and host.leftover_patches() == []
+    notes = [part for part in processed.infotexts[0].splitlines()[-1].split(", ") if "Semantic Fidelity note" in part]
+    for note in expected:
+        assert len(notes) == 1 and notes[0].count(note) == 1, notes
+    if not expected:
+        assert notes == [], notes
+    assert "Error" not in capsys.readouterr().err
+
+
+def test_cfg_0_through_region_scales_is_plain_cfg_without_a_division_by_zero():
+    from guidance.engine import ImageStep
+    from guidance.methods.scfg import RegionScales
+
+    scales = RegionScales(batch_size=1)
+    step = ImageStep(0, 0, 4, 0.0, torch.zeros(4, 8, 8), torch.randn(4, 8, 8))
+    assert torch.equal(scales.rate(step), torch.ones(1, 1, 1))
+    assert scales.notes == ["S-CFG: at CFG scale 0 there is no CFG direction to scale; it does not act."]
+
+
+def test_odd_latent_sizes_map_every_level():
+    """72×56 px (latent 9×7) is what the host allows (8-px steps; A1111 interpolates the UNet's skip
+    connections, which the stand-in does not): every level of the ceil-halving chain is found."""
+    from guidance.attention_routing import map_size
+
+    assert [map_size((9, 7), tokens) for tokens in (63, 20, 6, 2)] == [(9, 7, 1), (5, 4, 2), (3, 2, 4), (2, 1, 8)]
