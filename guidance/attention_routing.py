@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import attention, capture_budget, head_averaged_probabilities, select_rows
+from .attention import attention, capture_budget, head_averaged_maps, head_averaged_probabilities, select_rows
 
 SECTIONS = ("input", "middle", "output")
 KINDS = ("self", "cross")
@@ -238,19 +238,26 @@ class AttentionRouter:
                 rows = [row for row, image in self._cond_rows if self.regulator.targets[image]]
                 regulated_probs = {row: probs[j] for j, row in enumerate(rows)}
         if capture:
-            if self._budget is None:
-                self._budget = capture_budget(q.device)
-            plain_rows = [row for row in self._capture_rows if row not in regulated_probs]
-            q_rows, k_rows = select_rows(q, plain_rows), select_rows(k, plain_rows)
-            plain = head_averaged_probabilities(q_rows, k_rows, heads, self._budget)
-            if regulated_probs:
-                lookup = {row: plain[j] for j, row in enumerate(plain_rows)}
-                lookup.update(regulated_probs)
-                probs = torch.stack([lookup[row] for row in self._capture_rows])
-            else:
-                probs = plain
+            probs = self._captured(key, q, k, heads, regulated_probs)
             self.region_scales.record(key, probs, (h, w), factor, self._capture_meta)
         return out
+
+    def _captured(self, key: LayerKey, q, k, heads: int, regulated_probs: dict[int, torch.Tensor]):
+        """The head-averaged probabilities of the capture rows, within the capture budget: the
+        regulated rows' own where regulation ran; a self-attention map too large for the budget as
+        `HeadAveragedMaps` (S-CFG only multiplies by it)."""
+        if self._budget is None:
+            self._budget = capture_budget(q.device)
+        plain_rows = [row for row in self._capture_rows if row not in regulated_probs]
+        q_rows, k_rows = select_rows(q, plain_rows), select_rows(k, plain_rows)
+        if key.kind == "self":  # never regulated: every capture row is plain
+            return head_averaged_maps(q_rows, k_rows, heads, self._budget)
+        plain = head_averaged_probabilities(q_rows, k_rows, heads, self._budget)
+        if not regulated_probs:
+            return plain
+        lookup = {row: plain[j] for j, row in enumerate(plain_rows)}
+        lookup.update(regulated_probs)
+        return torch.stack([lookup[row] for row in self._capture_rows])
 
     def _finite_or_plain(self, out: torch.Tensor, plain: torch.Tensor) -> torch.Tensor:
         """`out` where finite, else the plain attention; the flag stays on the device (no sync)."""

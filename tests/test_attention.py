@@ -147,3 +147,26 @@ def test_the_chunk_size_follows_the_budget():
     assert capture_chunk_rows(rows=2, heads=8, queries=4096, keys=77, budget=2**30) == 4096
     assert capture_chunk_rows(rows=8, heads=20, queries=16384, keys=16384, budget=1) == 1
     assert capture_budget(torch.device("cpu")) == CPU_CAPTURE_BUDGET
+
+
+def test_products_with_the_unformed_maps_equal_those_with_the_formed_ones():
+    from guidance.attention import HeadAveragedMaps, head_averaged_maps, head_averaged_probabilities
+
+    q, k, x = torch.randn(3, 300, 64), torch.randn(3, 300, 64), torch.rand(3, 300, 77)
+    formed = head_averaged_probabilities(q, k, 8)
+    maps = head_averaged_maps(q, k, 8, budget=3 * 8 * 300 * 4 * 2 * 5)  # 5 query rows per chunk
+    assert isinstance(maps, HeadAveragedMaps) and maps.shape == formed.shape
+    torch.testing.assert_close(maps @ x, formed @ x, rtol=0, atol=1e-6)
+    torch.testing.assert_close(maps.take([2, 0]) @ x[[2, 0]], (formed @ x)[[2, 0]], rtol=0, atol=1e-6)
+    assert isinstance(head_averaged_maps(q, k, 8, budget=2**30), torch.Tensor)  # small enough: formed
+
+
+def test_a_product_with_the_unformed_maps_never_holds_an_n_by_n_tensor():
+    from guidance.attention import HeadAveragedMaps
+
+    q, k, x = torch.randn(2, 4096, 32), torch.randn(2, 4096, 32), torch.rand(2, 4096, 77)
+    budget = 8 * 2**20
+    tracker = LargestIntermediate()
+    with tracker.mode:
+        HeadAveragedMaps(q, k, 8, budget) @ x
+    assert 2 * max(tracker.sizes) <= budget  # the formed map would be 2·4096²·4 B = 128 MiB

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..attention import HeadAveragedMaps, select_rows
 from ..engine import ImageStep, schedule_index
 
 UNCOND, COND = "uncond", "cond"
@@ -57,10 +58,11 @@ def smooth(maps: torch.Tensor) -> torch.Tensor:
     return F.conv2d(F.pad(flat, (1, 1, 1, 1), mode=mode), kernel).reshape(n, channels, h, w)
 
 
-def propagate(self_attention: torch.Tensor, cross_attention: torch.Tensor) -> torch.Tensor:
-    """(SA + 3·SA·SA)/4 · CA as (SA·CA + 3·SA·(SA·CA))/4: (n, N, N), (n, N, T) → (n, N, T)."""
-    first = torch.bmm(self_attention, cross_attention)
-    return (first + 3 * torch.bmm(self_attention, first)) / 4
+def propagate(self_attention, cross_attention: torch.Tensor) -> torch.Tensor:
+    """(SA + 3·SA·SA)/4 · CA as (SA·CA + 3·SA·(SA·CA))/4: (n, N, N), (n, N, T) → (n, N, T). SA is a
+    tensor or `HeadAveragedMaps` (the products then chunk by chunk, the N×N map never formed)."""
+    first = self_attention @ cross_attention
+    return (first + 3 * (self_attention @ first)) / 4
 
 
 def foreground_pair(cross_attention: torch.Tensor) -> torch.Tensor:
@@ -315,7 +317,8 @@ class RegionScales:
         return torch.where(finite, rate, torch.ones_like(rate))
 
 
-def _take(tensor: torch.Tensor, rows: list[int]) -> torch.Tensor:
-    if rows == list(range(rows[0], rows[0] + len(rows))):
-        return tensor[rows[0] : rows[0] + len(rows)]
-    return torch.cat([tensor[r : r + 1] for r in rows])
+def _take(maps, rows: list[int]):
+    """Rows of a tensor or of `HeadAveragedMaps`, without a device index tensor."""
+    if isinstance(maps, HeadAveragedMaps):
+        return maps.take(rows)
+    return select_rows(maps, rows)
