@@ -7,7 +7,9 @@ Two things live here:
 - `UNetRouting`: during one sampler run, instance forwards on the routed CrossAttention modules
   (whatever optimization is active keeps serving the others) and on the UNet itself, which tells
   the router which rows each UNet call holds. Instance attributes survive the host's optimizer
-  swaps; `remove` deletes every one of them.
+  swaps; `remove` deletes every one of them. A routed layer calls the module's class forward (the
+  host's active optimization) on calls without attention work and after any error in the kernel,
+  which also stops the router for the run and removes the layer patches (one note, `on_error`).
 """
 
 from __future__ import annotations

@@ -28,9 +28,9 @@ EDITS_4 = "+ sunglasses : 5; - blur : 4; + golden light : 3; - wooden table : 3"
 TARGETS = "red book; gold clock"  # explicit, so regulation needs no spaCy detection
 EDIT_1_COOL_025 = "+ sunglasses : 5 : 0.9 : 0.0 : 0.25"  # scale : threshold : warm-up : cool-down
 
-# SDXL's UNet layout (attention at the 2x and 4x levels only, two transformers per block, 64-wide
-# heads scaled down, linear projections), narrowed so that a CPU can run it: the S-CFG capture and
-# routing see SDXL's block structure. 768-wide context, as the stand-in host's text encoder gives.
+# SDXL's UNet block layout (three levels, attention at the 2x and 4x levels only: input blocks 4, 5,
+# 7, 8, the middle block, output blocks 0-5; linear projections), narrowed so that a CPU can run it,
+# one transformer per block (SDXL has 2 and 10) and a 768-wide context as the stand-in's encoder gives.
 BENCH_CONFIGS = {
     "sdxl-layout": dict(
         image_size=32,
@@ -42,7 +42,7 @@ BENCH_CONFIGS = {
         channel_mult=[1, 2, 4],
         num_head_channels=32,
         use_spatial_transformer=True,
-        transformer_depth=2,
+        transformer_depth=1,  # this ldm's SpatialTransformer breaks on depth > 1 with one context
         context_dim=768,
         use_linear_in_transformer=True,
         legacy=False,
