@@ -53,7 +53,8 @@ class StepInputs:
 
     `cond` holds the cond rows (AND sub-prompts of every image) and `conds_list[i]` lists
     `(row of cond, AND weight)` for image i, exactly like A1111's `reconstruct_multicond_batch`.
-    `extra` holds the predictions of `GuidanceRun.extra_rows`, in that order.
+    `extra` holds the predictions of `GuidanceRun.extra_rows`, in that order; with `extra_used`
+    (one flag per extra row, e.g. `GuidanceRun.rows_used` of the step) only those of the used rows.
     """
 
     uncond: torch.Tensor  # (B, C, H, W)
@@ -67,6 +68,7 @@ class StepInputs:
     extra: torch.Tensor | None = None  # (len(extra_rows), C, H, W)
     space: str = "x0"
     uncond_skipped: bool = False  # the host replaced uncond by a cond row (NGMS, skip early CFG)
+    extra_used: tuple[bool, ...] | None = None  # None: `extra` holds every extra row
 
 
 @dataclass
@@ -200,8 +202,12 @@ class GuidanceRun:
                 "images"
             )
         extra = 0 if inputs.extra is None else inputs.extra.shape[0]
-        if extra != len(self.extra_rows):
-            raise GuidanceError(f"expected {len(self.extra_rows)} extra rows, got {extra}")
+        used = inputs.extra_used
+        if used is not None and len(used) != len(self.extra_rows):
+            raise GuidanceError(f"{len(used)} extra-row flags for {len(self.extra_rows)} extra rows")
+        expected = len(self.extra_rows) if used is None else sum(used)
+        if extra != expected:
+            raise GuidanceError(f"expected {expected} extra rows, got {extra}")
 
     def _region_scale_active(self, inputs: StepInputs) -> bool:
         return self.region_scale is not None and self.region_scale.active(inputs.step, inputs.total_steps)
@@ -269,6 +275,11 @@ class GuidanceRun:
 
     def _split_extra(self, inputs: StepInputs) -> list[dict[str, list[torch.Tensor]]]:
         by_image: list[dict[str, list[torch.Tensor]]] = [{} for _ in self.images]
-        for index, row in enumerate(self.extra_rows):
-            by_image[row.image].setdefault(row.source, []).append(inputs.extra[index])
+        used = inputs.extra_used or (True,) * len(self.extra_rows)
+        given = 0
+        for row, is_used in zip(self.extra_rows, used, strict=True):
+            # a row left out of the UNet batch is never read: the image's uncond stands in (finite)
+            prediction = inputs.extra[given] if is_used else inputs.uncond[row.image]
+            given += is_used
+            by_image[row.image].setdefault(row.source, []).append(prediction)
         return by_image

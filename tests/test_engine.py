@@ -192,6 +192,23 @@ def test_rows_the_run_does_not_read_cannot_change_the_result(edits, momentum):
         assert torch.equal(a, b), step
 
 
+def test_a_step_given_only_the_rows_it_reads_gives_the_same_result():
+    edits = "+ gold clock : 5 : 0.9 : 0.0 : 0.25\n- red book : 3 : 0.9 : 0.1 : 0.6"
+    full, partial = _rows_run(sega_edits=edits, sega_momentum=0.5), _rows_run(sega_edits=edits, sega_momentum=0.5)
+    left_out = 0
+    for step in range(ROWS_STEPS):
+        inputs = _inputs(step=step, extra=_rows(len(full.extra_rows), 100 + step))
+        inputs.total_steps = ROWS_STEPS
+        used = partial.rows_used(step, ROWS_STEPS)
+        left_out += used.count(False)
+        kept = [row for row, is_used in zip(inputs.extra, used, strict=True) if is_used]
+        trimmed = StepInputs(**{**vars(inputs), "extra": torch.stack(kept) if kept else None, "extra_used": used})
+        assert torch.equal(partial.step(trimmed), full.step(inputs)), step
+    assert left_out > 0
+    with pytest.raises(GuidanceError, match="expected 2 extra rows, got 6"):
+        partial.step(StepInputs(**{**vars(inputs), "extra_used": (True, True) + (False,) * 4}))
+
+
 def test_rows_used_follow_each_schedule_exactly():
     edits = "+ gold clock : 5 : 0.9 : 0.0 : 0.25\n- red book : 3 : 0.9 : 0.1 : 0.6"
     run = _rows_run(sega_edits=edits, sega_momentum=0.0)
