@@ -125,9 +125,10 @@ class HeadAveragedMaps:
 
     def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
         """maps (B, N, M) @ x (B, M, T) → (B, N, T) float32."""
-        out = x.new_empty(self.shape[0], self.shape[1], x.shape[-1], dtype=torch.float32)
+        x = x.float()
+        out = x.new_empty(self.shape[0], self.shape[1], x.shape[-1])
         for start, averaged in head_averaged_chunks(self.q, self.k, self.heads, self.budget):
-            out[:, start : start + averaged.shape[1]] = averaged @ x.float()
+            out[:, start : start + averaged.shape[1]] = averaged @ x
         return out
 
 
