@@ -63,9 +63,81 @@ def attention_scores(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tens
     return torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
 
 
-def head_averaged_probabilities(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
-    """softmax(q·kᵀ/√d) averaged over the heads, float32 (B, N, M). Per-head maps are transient."""
-    return attention_scores(q, k, heads).softmax(dim=-1).mean(dim=1)
+CPU_CAPTURE_BUDGET = 64 * 2**20  # bytes of capture intermediates off CUDA
+CUDA_BUDGET_SHARE = 0.05  # of the memory the device can still give
+MIN_CAPTURE_BUDGET = 16 * 2**20
+MAX_CAPTURE_BUDGET = 256 * 2**20  # enough for full-width kernels; more would only raise the peak
+
+
+def capture_budget(device: torch.device) -> int:
+    """Bytes the capture's intermediates may take: on CUDA a share of what is free (the driver's
+    free memory plus the caching allocator's unused reserve), elsewhere a fixed budget."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return CPU_CAPTURE_BUDGET
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return int(min(max(free * CUDA_BUDGET_SHARE, MIN_CAPTURE_BUDGET), MAX_CAPTURE_BUDGET))
+
+
+def capture_chunk_rows(rows: int, heads: int, queries: int, keys: int, budget: int) -> int:
+    """Query rows per chunk so that the chunk's float32 scores and probabilities (rows, heads,
+    chunk, keys), two tensors alive at once, fit in `budget` bytes; at least 1."""
+    per_query = 2 * rows * heads * keys * 4
+    return max(1, min(queries, budget // per_query))
+
+
+def head_averaged_chunks(q: torch.Tensor, k: torch.Tensor, heads: int, budget: int):
+    """Yields (start, softmax(q·kᵀ/√d) averaged over the heads for query rows start…, float32
+    (B, chunk, M)), chunk by chunk, so that one chunk's per-head intermediates fit in `budget`."""
+    batch, queries, _ = q.shape
+    keys = k.shape[1]
+    k_heads = split_heads(k, heads).float().transpose(-1, -2).contiguous()  # (B, h, d, M), copied once
+    scale = (q.shape[-1] // heads) ** -0.5
+    chunk = capture_chunk_rows(batch, heads, queries, keys, budget)
+    for start in range(0, queries, chunk):
+        q_chunk = split_heads(q[:, start : start + chunk], heads).float()
+        yield start, torch.matmul(q_chunk, k_heads).mul_(scale).softmax(dim=-1).mean(dim=1)
+
+
+def head_averaged_probabilities(
+    q: torch.Tensor, k: torch.Tensor, heads: int, budget: int = CPU_CAPTURE_BUDGET
+) -> torch.Tensor:
+    """softmax(q·kᵀ/√d) averaged over the heads, float32 (B, N, M), built chunk by chunk over the
+    query rows so that the per-head float32 intermediates of one chunk stay within `budget` bytes."""
+    result = torch.empty(q.shape[0], q.shape[1], k.shape[1], dtype=torch.float32, device=q.device)
+    for start, averaged in head_averaged_chunks(q, k, heads, budget):
+        result[:, start : start + averaged.shape[1]] = averaged
+    return result
+
+
+class HeadAveragedMaps:
+    """The head-averaged probabilities (B, N, M) of q and k, kept as q and k: `maps @ x` is
+    computed chunk by chunk over the query rows, and the (B, N, M) map is never formed."""
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, heads: int, budget: int):
+        self.q, self.k, self.heads, self.budget = q, k, heads, budget
+        self.shape = (q.shape[0], q.shape[1], k.shape[1])
+
+    def take(self, rows: list[int]) -> HeadAveragedMaps:
+        """The maps of `rows` of the batch."""
+        return HeadAveragedMaps(select_rows(self.q, rows), select_rows(self.k, rows), self.heads, self.budget)
+
+    def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
+        """maps (B, N, M) @ x (B, M, T) → (B, N, T) float32."""
+        x = x.float()
+        out = x.new_empty(self.shape[0], self.shape[1], x.shape[-1])
+        for start, averaged in head_averaged_chunks(self.q, self.k, self.heads, self.budget):
+            out[:, start : start + averaged.shape[1]] = averaged @ x
+        return out
+
+
+def head_averaged_maps(q: torch.Tensor, k: torch.Tensor, heads: int, budget: int) -> torch.Tensor | HeadAveragedMaps:
+    """The head-averaged probabilities as a tensor when (B, N, M) float32 fits in `budget`, else as
+    `HeadAveragedMaps` (products computed chunk by chunk: for self-attention at high resolution)."""
+    if q.shape[0] * q.shape[1] * k.shape[1] * 4 <= budget:
+        return head_averaged_probabilities(q, k, heads, budget)
+    return HeadAveragedMaps(q, k, heads, budget)
 
 
 def attention_from_probabilities(probs: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

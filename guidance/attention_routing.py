@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import attention, head_averaged_probabilities, select_rows
+from .attention import attention, capture_budget, head_averaged_maps, head_averaged_probabilities, select_rows
 
 SECTIONS = ("input", "middle", "output")
 KINDS = ("self", "cross")
@@ -138,6 +138,9 @@ class AttentionRouter:
         self._capture_meta: list[tuple[int, str]] = []
         self._cond_rows: list[tuple[int, int]] = []
         self._sizes: dict[int, tuple[int, int, int] | None] = {}
+        self._budget: int | None = None
+        self.stopped = False
+        self.nonfinite: torch.Tensor | None = None  # device flag: a regulated output was not finite
 
     # -- set-up -----------------------------------------------------------------------------------
     def routed_layers(self, keys: Iterable[LayerKey]) -> set[LayerKey]:
@@ -154,8 +157,25 @@ class AttentionRouter:
         return routed
 
     def active(self, step: int, total_steps: int) -> bool:
-        """Whether any attention work (capture or bias) is needed at this step."""
+        """Whether any attention work (capture or bias) is needed at this step; adapters route no
+        layer when it is not."""
+        if self.stopped:
+            return False
         return self._scfg_active(step, total_steps) or self._regulation_active(step, total_steps)
+
+    def stop(self) -> None:
+        """Ends every attention method for the rest of the run (after an error in the kernel):
+        the region scales stop too, so that no step uses a partial capture."""
+        self.stopped = True
+        self.end()
+        if self.region_scales is not None:
+            self.region_scales.stop()
+
+    def nonfinite_seen(self) -> bool:
+        """Whether a regulated output had NaN/inf values (replaced by the plain attention). Reads a
+        device flag: call once after the run, never per step."""
+        flags = [self.nonfinite, getattr(self.region_scales, "nonfinite", None)]
+        return any(flag is not None and bool(flag) for flag in flags)
 
     def _scfg_active(self, step: int, total_steps: int) -> bool:
         return self.region_scales is not None and self.region_scales.active(step, total_steps)
@@ -167,6 +187,9 @@ class AttentionRouter:
         """Once before every UNet call, with the rows of that call."""
         self.rows = rows
         self._sizes = {}
+        self._budget = None
+        if self.stopped:
+            return
         self._capture = self._scfg_active(rows.step, rows.total_steps)
         self._regulate = self._regulation_active(rows.step, rows.total_steps)
         meta = [(row, image, "uncond") for image, row in enumerate(rows.uncond) if row is not None]
@@ -206,20 +229,39 @@ class AttentionRouter:
         out = attention(q, k, v, heads, upcast)
         regulated_probs: dict[int, torch.Tensor] = {}
         if regulate:
+            plain_out = out
             out, probs = self.regulator.forward(
                 key, q, k, v, heads, self._cond_rows, (h, w), self.rows.step, upcast=upcast, out=out
             )
+            out = self._finite_or_plain(out, plain_out)
             if probs is not None:
                 rows = [row for row, image in self._cond_rows if self.regulator.targets[image]]
                 regulated_probs = {row: probs[j] for j, row in enumerate(rows)}
         if capture:
-            plain_rows = [row for row in self._capture_rows if row not in regulated_probs]
-            plain = head_averaged_probabilities(select_rows(q, plain_rows), select_rows(k, plain_rows), heads)
-            if regulated_probs:
-                lookup = {row: plain[j] for j, row in enumerate(plain_rows)}
-                lookup.update(regulated_probs)
-                probs = torch.stack([lookup[row] for row in self._capture_rows])
-            else:
-                probs = plain
+            probs = self._captured(key, q, k, heads, regulated_probs)
             self.region_scales.record(key, probs, (h, w), factor, self._capture_meta)
         return out
+
+    def _captured(self, key: LayerKey, q, k, heads: int, regulated_probs: dict[int, torch.Tensor]):
+        """The head-averaged probabilities of the capture rows, within the capture budget: the
+        regulated rows' own where regulation ran; a self-attention map too large for the budget as
+        `HeadAveragedMaps` (S-CFG only multiplies by it)."""
+        if self._budget is None:
+            self._budget = capture_budget(q.device)
+        plain_rows = [row for row in self._capture_rows if row not in regulated_probs]
+        q_rows, k_rows = select_rows(q, plain_rows), select_rows(k, plain_rows)
+        if key.kind == "self":  # never regulated: every capture row is plain
+            return head_averaged_maps(q_rows, k_rows, heads, self._budget)
+        plain = head_averaged_probabilities(q_rows, k_rows, heads, self._budget)
+        if not regulated_probs:
+            return plain
+        lookup = {row: plain[j] for j, row in enumerate(plain_rows)}
+        lookup.update(regulated_probs)
+        return torch.stack([lookup[row] for row in self._capture_rows])
+
+    def _finite_or_plain(self, out: torch.Tensor, plain: torch.Tensor) -> torch.Tensor:
+        """`out` where finite, else the plain attention; the flag stays on the device (no sync)."""
+        bad = ~torch.isfinite(out)
+        seen = bad.any()
+        self.nonfinite = seen if self.nonfinite is None else self.nonfinite | seen
+        return torch.where(bad, plain, out)

@@ -53,7 +53,8 @@ class StepInputs:
 
     `cond` holds the cond rows (AND sub-prompts of every image) and `conds_list[i]` lists
     `(row of cond, AND weight)` for image i, exactly like A1111's `reconstruct_multicond_batch`.
-    `extra` holds the predictions of `GuidanceRun.extra_rows`, in that order.
+    `extra` holds the predictions of `GuidanceRun.extra_rows`, in that order; with `extra_used`
+    (one flag per extra row, e.g. `GuidanceRun.rows_used` of the step) only those of the used rows.
     """
 
     uncond: torch.Tensor  # (B, C, H, W)
@@ -67,6 +68,7 @@ class StepInputs:
     extra: torch.Tensor | None = None  # (len(extra_rows), C, H, W)
     space: str = "x0"
     uncond_skipped: bool = False  # the host replaced uncond by a cond row (NGMS, skip early CFG)
+    extra_used: tuple[bool, ...] | None = None  # None: `extra` holds every extra row
 
 
 @dataclass
@@ -110,6 +112,9 @@ class AdditiveTerm(Protocol):
 
     def term(self, image_step: ImageStep) -> torch.Tensor | None: ...  # (C, H, W) or None
 
+    # Optional: `rows_used(step, total_steps) -> Sequence[bool]`, one per extra prompt, whether
+    # `term` reads that prompt's prediction at the step. Without it: all of them while `active`.
+
 
 def schedule_index(fraction: float, total_steps: int) -> int:
     """A schedule point given as a fraction of the run, as a step index of this run (halves round
@@ -150,6 +155,15 @@ class PredictionSpace:
         return self.x[image] - self.sigma[image] * eps
 
 
+def _term_rows_used(term: AdditiveTerm, step: int, total_steps: int) -> list[bool]:
+    """One term's `rows_used`, or every prompt of it while it is active."""
+    count = len(term.extra_prompts())
+    rows_used = getattr(term, "rows_used", None)
+    if rows_used is not None:
+        return [bool(used) for used in rows_used(step, total_steps)]
+    return [term.active(step, total_steps)] * count
+
+
 class GuidanceRun:
     """Per sampler run: the validated settings, the per-image method objects and their state."""
 
@@ -173,6 +187,7 @@ class GuidanceRun:
             for text in term.extra_prompts()
         )
         self.steps_seen = 0
+        self._noted: set[str] = set()
 
     @property
     def batch_size(self) -> int:
@@ -187,8 +202,12 @@ class GuidanceRun:
                 "images"
             )
         extra = 0 if inputs.extra is None else inputs.extra.shape[0]
-        if extra != len(self.extra_rows):
-            raise GuidanceError(f"expected {len(self.extra_rows)} extra rows, got {extra}")
+        used = inputs.extra_used
+        if used is not None and len(used) != len(self.extra_rows):
+            raise GuidanceError(f"{len(used)} extra-row flags for {len(self.extra_rows)} extra rows")
+        expected = len(self.extra_rows) if used is None else sum(used)
+        if extra != expected:
+            raise GuidanceError(f"expected {expected} extra rows, got {extra}")
 
     def _region_scale_active(self, inputs: StepInputs) -> bool:
         return self.region_scale is not None and self.region_scale.active(inputs.step, inputs.total_steps)
@@ -233,8 +252,34 @@ class GuidanceRun:
             guided[image] = space.from_eps(eps, image)
         return guided
 
+    def rows_used(self, step: int, total_steps: int) -> tuple[bool, ...]:
+        """Per entry of `extra_rows`, whether its prediction is read at this step (a term acts and
+        that prompt is not cooled down): the adapters leave the others out of the UNet batch."""
+        used: list[bool] = []
+        for image_terms in self.terms:
+            for term in image_terms:
+                used += _term_rows_used(term, step, total_steps)
+        return tuple(used)
+
+    def rows_needed(self, step: int, total_steps: int) -> bool:
+        """Whether any extra row is read at this step."""
+        return any(self.rows_used(step, total_steps))
+
+    def take_notes(self) -> list[str]:
+        """Notes the methods made since the last call (e.g. S-CFG cannot act at CFG 0), for the
+        adapter's report; each note once."""
+        notes = list(getattr(self.region_scale, "notes", None) or [])
+        new = [note for note in notes if note not in self._noted]
+        self._noted.update(new)
+        return new
+
     def _split_extra(self, inputs: StepInputs) -> list[dict[str, list[torch.Tensor]]]:
         by_image: list[dict[str, list[torch.Tensor]]] = [{} for _ in self.images]
-        for index, row in enumerate(self.extra_rows):
-            by_image[row.image].setdefault(row.source, []).append(inputs.extra[index])
+        used = inputs.extra_used or (True,) * len(self.extra_rows)
+        given = 0
+        for row, is_used in zip(self.extra_rows, used, strict=True):
+            # a row left out of the UNet batch is never read: the image's uncond stands in (finite)
+            prediction = inputs.extra[given] if is_used else inputs.uncond[row.image]
+            given += is_used
+            by_image[row.image].setdefault(row.source, []).append(prediction)
         return by_image

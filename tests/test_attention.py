@@ -2,6 +2,7 @@
 
 import types
 
+import pytest
 import torch
 from ldm.modules.attention import CrossAttention
 
@@ -80,3 +81,92 @@ def test_select_rows_avoids_device_indices():
     assert select_rows(t, [1, 2, 3]).data_ptr() == t[1:].data_ptr()
     assert select_rows(t, [3, 0]).tolist() == [3, 0]
     assert select_rows(t, []).numel() == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# S-CFG's capture in bounded memory
+
+
+class LargestIntermediate:
+    """A TorchDispatchMode that records the bytes of every tensor an operation returns."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        sizes = self.sizes = []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in out if isinstance(out, (tuple, list)) else [out]:
+                    if isinstance(t, torch.Tensor) and t._base is None:  # a view allocates nothing
+                        sizes.append(t.numel() * t.element_size())
+                return out
+
+        self.mode = Mode()
+
+
+def test_chunked_head_average_equals_the_unchunked_one():
+    from guidance.attention import attention_scores, head_averaged_probabilities
+
+    q, k = torch.randn(3, 300, 64), torch.randn(3, 300, 64)
+    reference = attention_scores(q, k, 8).softmax(-1).mean(1)
+    for budget in (1, 3 * 8 * 300 * 4 * 2 * 7, 10**6, 2**30):  # 1 row, 7 rows, a few dozen, all
+        torch.testing.assert_close(head_averaged_probabilities(q, k, 8, budget), reference, rtol=0, atol=1e-6)
+    half_q = q.to(torch.bfloat16)
+    torch.testing.assert_close(
+        head_averaged_probabilities(half_q, k.to(torch.bfloat16), 8, 10**5),
+        attention_scores(half_q, k.to(torch.bfloat16), 8).softmax(-1).mean(1),
+        rtol=0,
+        atol=1e-6,
+    )
+
+
+@pytest.mark.parametrize("budget", [8 * 2**20, 32 * 2**20])
+def test_the_capture_never_holds_more_per_head_memory_than_its_budget(budget):
+    """Self-attention of a 64×64 latent (N = M = 4096, 8 heads, 2 rows): unchunked, the per-head
+    float32 scores alone are 2·8·4096²·4 B = 1 GiB; chunked, every tensor larger than the inputs
+    (the per-head ones) fits, scores and probabilities of a chunk together within the budget."""
+    from guidance.attention import head_averaged_probabilities
+
+    q, k = torch.randn(2, 4096, 32), torch.randn(2, 4096, 32)
+    tracker = LargestIntermediate()
+    with tracker.mode:
+        result = head_averaged_probabilities(q, k, 8, budget)
+    result_bytes, input_bytes = result.numel() * 4, q.numel() * 4
+    per_head = [size for size in tracker.sizes if input_bytes < size != result_bytes]
+    assert tracker.sizes.count(result_bytes) == 1  # the (B, N, M) average is made once
+    assert per_head and 2 * max(per_head) <= budget
+    assert 2 * max(per_head) > budget / 2  # and chunks are not needlessly small
+
+
+def test_the_chunk_size_follows_the_budget():
+    from guidance.attention import CPU_CAPTURE_BUDGET, capture_budget, capture_chunk_rows
+
+    assert capture_chunk_rows(rows=2, heads=8, queries=4096, keys=4096, budget=2**20) == 2
+    assert capture_chunk_rows(rows=2, heads=8, queries=4096, keys=77, budget=2**30) == 4096
+    assert capture_chunk_rows(rows=8, heads=20, queries=16384, keys=16384, budget=1) == 1
+    assert capture_budget(torch.device("cpu")) == CPU_CAPTURE_BUDGET
+
+
+def test_products_with_the_unformed_maps_equal_those_with_the_formed_ones():
+    from guidance.attention import HeadAveragedMaps, head_averaged_maps, head_averaged_probabilities
+
+    q, k, x = torch.randn(3, 300, 64), torch.randn(3, 300, 64), torch.rand(3, 300, 77)
+    formed = head_averaged_probabilities(q, k, 8)
+    maps = head_averaged_maps(q, k, 8, budget=3 * 8 * 300 * 4 * 2 * 5)  # 5 query rows per chunk
+    assert isinstance(maps, HeadAveragedMaps) and maps.shape == formed.shape
+    torch.testing.assert_close(maps @ x, formed @ x, rtol=0, atol=1e-6)
+    torch.testing.assert_close(maps.take([2, 0]) @ x[[2, 0]], (formed @ x)[[2, 0]], rtol=0, atol=1e-6)
+    assert isinstance(head_averaged_maps(q, k, 8, budget=2**30), torch.Tensor)  # small enough: formed
+
+
+def test_a_product_with_the_unformed_maps_never_holds_an_n_by_n_tensor():
+    from guidance.attention import HeadAveragedMaps
+
+    q, k, x = torch.randn(2, 4096, 32), torch.randn(2, 4096, 32), torch.rand(2, 4096, 77)
+    budget = 8 * 2**20
+    tracker = LargestIntermediate()
+    with tracker.mode:
+        HeadAveragedMaps(q, k, 8, budget) @ x
+    assert 2 * max(tracker.sizes) <= budget  # the formed map would be 2·4096²·4 B = 128 MiB

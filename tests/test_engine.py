@@ -140,3 +140,92 @@ def test_schedule_index_is_a_fraction_of_the_run():
     assert schedule_index(1.0, 13) == 13
     assert schedule_index(0.5, 7) == 4
     assert schedule_index(0.5, 5) == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# which extra rows a step reads (the adapters leave the others out of the UNet batch)
+
+ROWS_STEPS = 12
+
+
+def _rows_run(**values):
+    from guidance.methods.concept_steering import ConceptSteering
+    from guidance.methods.sega import SegaEdits
+
+    settings = build_settings({"enable": True, "sega_enable": True, **values})
+    terms = [
+        [ConceptSteering(["red book", "gold clock"], warmup=0.1, cooldown=0.5), SegaEdits.from_settings(settings)],
+        [SegaEdits.from_settings(settings)],
+    ]
+    return GuidanceRun(settings, [ImageInfo("a red book and a gold clock"), ImageInfo("a cat")], terms=terms)
+
+
+def _replay(run, garbage: bool) -> list[torch.Tensor]:
+    """The run's outputs over a whole schedule; with `garbage`, every extra row the run says it does
+    not read at a step holds large random values instead of its prediction."""
+    outputs = []
+    for step in range(ROWS_STEPS):
+        inputs = _inputs(step=step, extra=_rows(len(run.extra_rows), 100 + step))
+        inputs.total_steps = ROWS_STEPS
+        if garbage:
+            for index, used in enumerate(run.rows_used(step, ROWS_STEPS)):
+                if not used:
+                    inputs.extra[index] = 1e3 * _rows(1, 900 + step)[0]
+        outputs.append(run.step(inputs))
+    return outputs
+
+
+@pytest.mark.parametrize(
+    "edits, momentum",
+    [
+        ("+ gold clock : 5 : 0.9 : 0.0 : 0.25\n- red book : 3 : 0.9 : 0.1 : 0.6", 0.0),
+        ("+ gold clock : 5 : 0.9 : 0.0 : 0.25\n- red book : 3 : 0.9 : 0.5 : 0.75", 0.5),
+        ("+ gold clock : 5 : 0.9 : 0.25 : 1.0", 0.0),
+    ],
+    ids=["cooldowns", "momentum", "warmup-only"],
+)
+def test_rows_the_run_does_not_read_cannot_change_the_result(edits, momentum):
+    used = _rows_run(sega_edits=edits, sega_momentum=momentum)
+    reference = _replay(used, garbage=False)
+    skipped = _replay(_rows_run(sega_edits=edits, sega_momentum=momentum), garbage=True)
+    for step, (a, b) in enumerate(zip(reference, skipped, strict=True)):
+        assert torch.equal(a, b), step
+
+
+def test_a_step_given_only_the_rows_it_reads_gives_the_same_result():
+    edits = "+ gold clock : 5 : 0.9 : 0.0 : 0.25\n- red book : 3 : 0.9 : 0.1 : 0.6"
+    full, partial = _rows_run(sega_edits=edits, sega_momentum=0.5), _rows_run(sega_edits=edits, sega_momentum=0.5)
+    left_out = 0
+    for step in range(ROWS_STEPS):
+        inputs = _inputs(step=step, extra=_rows(len(full.extra_rows), 100 + step))
+        inputs.total_steps = ROWS_STEPS
+        used = partial.rows_used(step, ROWS_STEPS)
+        left_out += used.count(False)
+        kept = [row for row, is_used in zip(inputs.extra, used, strict=True) if is_used]
+        trimmed = StepInputs(**{**vars(inputs), "extra": torch.stack(kept) if kept else None, "extra_used": used})
+        assert torch.equal(partial.step(trimmed), full.step(inputs)), step
+    assert left_out > 0
+    with pytest.raises(GuidanceError, match="expected 2 extra rows, got 6"):
+        partial.step(StepInputs(**{**vars(inputs), "extra_used": (True, True) + (False,) * 4}))
+
+
+def test_rows_used_follow_each_schedule_exactly():
+    edits = "+ gold clock : 5 : 0.9 : 0.0 : 0.25\n- red book : 3 : 0.9 : 0.1 : 0.6"
+    run = _rows_run(sega_edits=edits, sega_momentum=0.0)
+    # extra rows: image 0 concepts (2), image 0 edits (2), image 1 edits (2)
+    per_step = [run.rows_used(step, ROWS_STEPS) for step in range(ROWS_STEPS)]
+    concepts = [used[0] and used[1] for used in per_step]
+    assert concepts == [step < 6 for step in range(ROWS_STEPS)]  # cool-down 0.5 of 12 steps
+    first_edit = [used[2] for used in per_step]
+    assert first_edit == [step < 3 for step in range(ROWS_STEPS)]  # cool-down 0.25
+    second_edit = [used[3] for used in per_step]  # no momentum: read from warm-up 0.1 to cool-down 0.6
+    assert second_edit == [1 <= step < 7 for step in range(ROWS_STEPS)]
+    assert [used[4:] for used in per_step] == [used[2:4] for used in per_step]  # image 1: same edits
+    assert [run.rows_needed(step, ROWS_STEPS) for step in range(ROWS_STEPS)] == [step < 7 for step in range(12)]
+    # the share of extra-row work a run with these schedules needs: what the benchmark's ratio targets
+    assert sum(map(sum, per_step)) == 2 * 6 + 2 * (3 + 6)
+
+
+def test_a_term_without_rows_used_reads_its_rows_while_active():
+    run = GuidanceRun(build_settings({"enable": True}), [ImageInfo("a")], terms=[[ConstantTerm(1.0, active_from=3)]])
+    assert [run.rows_used(step, 10) for step in range(5)] == [(False,)] * 3 + [(True,)] * 2

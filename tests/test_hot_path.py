@@ -3,6 +3,9 @@
 A static scan of the per-step code for reads that copy a tensor to the host (`.item(`, `.cpu(`,
 `.tolist(`, `.numpy(`): each one stalls the GPU queue once per step. Lines that are not on the
 per-step path (run set-up, reports) go into ALLOWED with the reason next to them.
+
+tests/test_no_sync.py checks the same rule, and more kinds of sync, at run time on whole
+generations; this scan still covers the branches those generations do not take.
 """
 
 import re

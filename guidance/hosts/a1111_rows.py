@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..attention import select_rows
 from ..engine import StepInputs
 
 
@@ -40,8 +41,8 @@ def step_inputs(
         uncond=x_out[-batch_size:],
         cond=x_out[:n_cond],
         conds_list=conds_list,
-        x=x_in[first_rows],
-        sigma=sigma_in[first_rows],
+        x=select_rows(x_in, first_rows),  # views, not an index tensor copied to the device
+        sigma=select_rows(sigma_in, first_rows),
         step=step,
         total_steps=total_steps,
         cfg_scale=cfg_scale,

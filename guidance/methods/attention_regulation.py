@@ -106,7 +106,6 @@ def optimise_bias(
     best_loss = torch.full((images,), float("inf"), device=theta.device)
     best_theta = theta
     losses, weights = ([], []) if record else (None, None)
-    frac_t = torch.tensor(frac, dtype=torch.float32)
     for iteration in range(iterations):
         bias = torch.einsum("rkt,kn->rnt", theta, basis)
         shifted = target_scores + bias
@@ -114,7 +113,7 @@ def optimise_bias(
         probs = torch.exp(shifted - log_z)  # (rows, N, n_t)
         # only the top of the order matters for the 0.9 quantile: topk, not a full sort
         top, order = probs.topk(positions - below, dim=1)  # descending: ascending rank r sits at N-1-r
-        quantile = torch.lerp(top[:, at_below], top[:, at_above], frac_t.to(probs.device))  # (rows, n_t)
+        quantile = torch.lerp(top[:, at_below], top[:, at_above], frac)  # (rows, n_t); a Python weight: no copy
         mean = (probs / positions).sum(dim=1)  # (rows, n_t)
         q_err = quantile - QUANTILE_TARGET
         m_err = mean - share

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..attention import HeadAveragedMaps, select_rows
 from ..engine import ImageStep, schedule_index
 
 UNCOND, COND = "uncond", "cond"
@@ -57,10 +58,11 @@ def smooth(maps: torch.Tensor) -> torch.Tensor:
     return F.conv2d(F.pad(flat, (1, 1, 1, 1), mode=mode), kernel).reshape(n, channels, h, w)
 
 
-def propagate(self_attention: torch.Tensor, cross_attention: torch.Tensor) -> torch.Tensor:
-    """(SA + 3·SA·SA)/4 · CA as (SA·CA + 3·SA·(SA·CA))/4: (n, N, N), (n, N, T) → (n, N, T)."""
-    first = torch.bmm(self_attention, cross_attention)
-    return (first + 3 * torch.bmm(self_attention, first)) / 4
+def propagate(self_attention, cross_attention: torch.Tensor) -> torch.Tensor:
+    """(SA + 3·SA·SA)/4 · CA as (SA·CA + 3·SA·(SA·CA))/4: (n, N, N), (n, N, T) → (n, N, T). SA is a
+    tensor or `HeadAveragedMaps` (the products then chunk by chunk, the N×N map never formed)."""
+    first = self_attention @ cross_attention
+    return (first + 3 * (self_attention @ first)) / 4
 
 
 def foreground_pair(cross_attention: torch.Tensor) -> torch.Tensor:
@@ -164,6 +166,9 @@ class RegionScales:
         self._acc: dict[tuple[int, str], _Accumulator] = {}
         self._pending: list[_Pending] = []
         self._self_attention: dict[tuple, tuple[torch.Tensor, tuple]] = {}
+        self.stopped = False
+        self.notes: list[str] = []  # for the adapter's report, taken through GuidanceRun.take_notes
+        self.nonfinite: torch.Tensor | None = None  # device flag: a rate map was not finite
 
     @classmethod
     def from_settings(cls, settings, batch_size: int) -> RegionScales:
@@ -179,7 +184,20 @@ class RegionScales:
 
     # -- schedule ---------------------------------------------------------------------------------
     def active(self, step: int, total_steps: int) -> bool:
+        if self.stopped:
+            return False
         return schedule_index(self.start, total_steps) <= step < schedule_index(self.end, total_steps)
+
+    def stop(self) -> None:
+        """No region scaling for the rest of the run (the attention capture failed); drops captures."""
+        self.stopped = True
+        self._acc.clear()
+        self._pending.clear()
+        self._self_attention.clear()
+
+    def _note(self, message: str) -> None:
+        if message not in self.notes:
+            self.notes.append(message)
 
     def wants(self, factor: int) -> bool:
         """Whether blocks at downsampling factor r = H_latent/h are captured."""
@@ -272,11 +290,15 @@ class RegionScales:
         cond = self._acc.pop((image_step.image, COND), None)
         uncond = self._acc.pop((image_step.image, UNCOND), None)
         direction = image_step.direction
-        if cond is None or uncond is None or self._step != image_step.step:
+        if image_step.cfg_scale <= 0:
+            scale = f"{image_step.cfg_scale:g}"
+            self._note(f"S-CFG: at CFG scale {scale} there is no CFG direction to scale; it does not act.")
+        if cond is None or uncond is None or self._step != image_step.step or image_step.cfg_scale <= 0:
             return torch.ones((1, 1, 1), dtype=direction.dtype, device=direction.device)
+        token_maps, fore_maps = cond.total / cond.count, uncond.total / uncond.count
         result = region_rate(
-            cond.total / cond.count,
-            uncond.total / uncond.count,
+            token_maps,
+            fore_maps,
             direction,
             image_step.cfg_scale,
             self.rate_min,
@@ -285,10 +307,18 @@ class RegionScales:
         )
         if self.keep_intermediates:
             self.intermediates[image_step.image] = result
-        return result["rate"].to(direction.dtype)
+        return self._finite_or_one(result["rate"], (token_maps, fore_maps)).to(direction.dtype)
+
+    def _finite_or_one(self, rate: torch.Tensor, maps: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The rate, or 1 everywhere (plain CFG) when it or the maps it came from hold NaN/inf; the
+        flag stays on the device (no sync)."""
+        finite = torch.stack([torch.isfinite(t).all() for t in (rate, *maps)]).all()
+        self.nonfinite = ~finite if self.nonfinite is None else self.nonfinite | ~finite
+        return torch.where(finite, rate, torch.ones_like(rate))
 
 
-def _take(tensor: torch.Tensor, rows: list[int]) -> torch.Tensor:
-    if rows == list(range(rows[0], rows[0] + len(rows))):
-        return tensor[rows[0] : rows[0] + len(rows)]
-    return torch.cat([tensor[r : r + 1] for r in rows])
+def _take(maps, rows: list[int]):
+    """Rows of a tensor or of `HeadAveragedMaps`, without a device index tensor."""
+    if isinstance(maps, HeadAveragedMaps):
+        return maps.take(rows)
+    return select_rows(maps, rows)

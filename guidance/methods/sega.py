@@ -147,6 +147,16 @@ class SegaEdits:
             self._finite.flush()
         return acting
 
+    def rows_used(self, step: int, total_steps: int) -> list[bool]:
+        """Per edit, whether its prediction is read at this step: a cooled-down edit's never is;
+        without momentum neither is a cold one's (its γ then reaches nothing that is added)."""
+        if not (self._can_contribute and self._acting(step, total_steps)):
+            return [False] * len(self.edits)
+        specs = self.specs(total_steps)
+        if self.momentum_scale > 0:
+            return [not spec.cooled(step) for spec in specs]
+        return [spec.warm(step) and not spec.cooled(step) for spec in specs]
+
     def _acting(self, step: int, total_steps: int) -> bool:
         specs = self.specs(total_steps)
         live = [not spec.cooled(step) for spec in specs]

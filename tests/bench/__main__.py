@@ -1,4 +1,4 @@
-"""`python -m tests.bench [--quick] [--device cpu|cuda] [--dtype fp32|fp16] [--model tiny|sd15]
+"""`python -m tests.bench [--quick] [--issue16] [--device cpu|cuda] [--dtype fp32|fp16] [--model tiny|sd15]
 [--size N ...] [--batch 1 4] [--repeats R]`: step time and peak memory of every configuration as
 ratios to plain CFG measured in the same run. Run by hand, not by CI."""
 
@@ -25,7 +25,15 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: fp16 on cuda, fp32 on cpu")
     parser.add_argument(
-        "--model", choices=("tiny", "sd15"), action="append", help="default: tiny (+ sd15 unless --quick)"
+        "--model",
+        choices=("tiny", "sd15", "sdxl-layout"),
+        action="append",
+        help="default: tiny (+ sd15 unless --quick)",
+    )
+    parser.add_argument(
+        "--issue16",
+        action="store_true",
+        help="issue 16's rows: S-CFG memory (SD1.5 layout R=1, SDXL layout batch 4) and scheduled extra rows",
     )
     parser.add_argument(
         "--size", type=int, nargs="+", help="latent sizes (default tiny 16; sd15 32 on CPU, 64 128 on GPU)"
@@ -85,6 +93,8 @@ def machine(args) -> list[str]:
 
 def time_target(result: Result) -> float | None:
     target = result.configuration.time_target
+    if target == "rows" and result.configuration.active_share < 1:
+        return 1 + result.configuration.active_share * result.extra_rows / 2 * 1.05
     if target == "rows":
         return (2 + result.extra_rows) / 2 * 1.05
     return target
@@ -133,6 +143,67 @@ def table(results: dict[str, Result], label: str, memory_kind: str) -> tuple[lis
     return lines, ratios
 
 
+def issue16_sections(cuda: bool) -> list[dict]:
+    """Issue 16's rows. On CUDA at the issue's sizes; on a CPU at reduced sizes, said in the output."""
+    memory = ["s-cfg", "s-cfg-r1"]
+    schedule = ["concepts-2", "concepts-2-cool-0.5", "sega-1-edit", "sega-1-cool-0.25"]
+    if cuda:
+        return [
+            dict(model="sd15", size=128, batch=1, names=memory, steps=6, note="SD1.5 hires 1024² R=1"),
+            dict(model="sdxl-layout", size=128, batch=4, names=memory, steps=6, note="SDXL layout 1024² batch 4"),
+            dict(model="sd15", size=64, batch=1, names=schedule, steps=8, note="scheduled extra rows"),
+        ]
+    reduced = "REDUCED SIZE ON CPU: "
+    return [
+        dict(
+            model="tiny",
+            size=64,
+            batch=1,
+            names=memory,
+            steps=3,
+            note=reduced + "SD1.5 hires R=1 as the SD1.5-layout test bed at latent 64 (512 px), not SD1.5 at 1024²",
+        ),
+        dict(
+            model="sdxl-layout",
+            size=32,
+            batch=4,
+            names=memory,
+            steps=3,
+            note=reduced + "SDXL layout with narrow channels at latent 32 (256 px) batch 4, not SDXL at 1024²",
+        ),
+        dict(
+            model="tiny",
+            size=16,
+            batch=1,
+            names=schedule,
+            steps=8,
+            note=reduced + "scheduled extra rows on the SD1.5-layout test bed, latent 16",
+        ),
+    ]
+
+
+def run_section(args, memory_kind: str, model: str, size: int, batch: int, names, steps: int, note: str) -> None:
+    """One model, size and batch: the named configurations against plain CFG of the same run."""
+    configurations = [BY_NAME["plain-cfg"]] + [BY_NAME[name] for name in names]
+    repeats = args.repeats or 2
+    bench = Bench(model, args.device, DTYPES[args.dtype], size, steps)
+    print(f"\n## {note}: model {model}, latent {size}x{size}, batch {batch}, {steps} steps", flush=True)
+    results = measure(
+        bench,
+        configurations,
+        batch,
+        repeats,
+        args.warmup_steps,
+        args.memory_repeats or 1,
+        args.threads,
+        log=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    lines, ratios = table(results, f"{model}/{size}", memory_kind)
+    print("\n".join(lines))
+    print("\n".join(ratios), flush=True)
+    bench.close()
+
+
 def main(argv=None) -> int:
     args = parse(argv)
     if args.memory_child:
@@ -158,6 +229,11 @@ def main(argv=None) -> int:
         "per step the median over repeats, then the mean over the run's steps; configurations alternate "
         "each round after a warm-up run of each"
     )
+    if args.issue16:
+        for section in issue16_sections(cuda):
+            run_section(args, memory_kind, **section)
+        print(f"\nwall time {time.perf_counter() - started:.0f} s")
+        return 0
     configurations = [BY_NAME["plain-cfg"]] + [
         BY_NAME[n] for n in (args.configs or [c.name for c in CONFIGURATIONS[1:]])
     ]

@@ -26,6 +26,28 @@ CONCEPTS_4 = "red book; gold clock; green apple; blue vase"
 EDITS_1 = "+ sunglasses : 5"
 EDITS_4 = "+ sunglasses : 5; - blur : 4; + golden light : 3; - wooden table : 3"
 TARGETS = "red book; gold clock"  # explicit, so regulation needs no spaCy detection
+EDIT_1_COOL_025 = "+ sunglasses : 5 : 0.9 : 0.0 : 0.25"  # scale : threshold : warm-up : cool-down
+
+# SDXL's UNet block layout (three levels, attention at the 2x and 4x levels only: input blocks 4, 5,
+# 7, 8, the middle block, output blocks 0-5; linear projections), narrowed so that a CPU can run it,
+# one transformer per block (SDXL has 2 and 10) and a 768-wide context as the stand-in's encoder gives.
+BENCH_CONFIGS = {
+    "sdxl-layout": dict(
+        image_size=32,
+        in_channels=4,
+        out_channels=4,
+        model_channels=64,
+        num_res_blocks=2,
+        attention_resolutions=[2, 4],
+        channel_mult=[1, 2, 4],
+        num_head_channels=32,
+        use_spatial_transformer=True,
+        transformer_depth=1,  # this ldm's SpatialTransformer breaks on depth > 1 with one context
+        context_dim=768,
+        use_linear_in_transformer=True,
+        legacy=False,
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -36,6 +58,9 @@ class Configuration:
     # or None (reported only)
     time_target: float | str | None = None
     memory_target: float | None = None
+    # share of the steps whose extra rows some method reads (cool-downs): the "rows" target is then
+    # 1 + share·K/2·1.05, reachable only where the adapter leaves unread rows out of the UNet batch
+    active_share: float = 1.0
 
 
 CONFIGURATIONS: tuple[Configuration, ...] = (
@@ -47,7 +72,20 @@ CONFIGURATIONS: tuple[Configuration, ...] = (
     Configuration("concepts-4", dict(enable=True, concepts_enable=True, concepts=CONCEPTS_4), "rows"),
     Configuration("sega-1-edit", dict(enable=True, sega_enable=True, sega_edits=EDITS_1), "rows"),
     Configuration("sega-4-edits", dict(enable=True, sega_enable=True, sega_edits=EDITS_4), "rows"),
+    Configuration(
+        "concepts-2-cool-0.5",
+        dict(enable=True, concepts_enable=True, concepts=CONCEPTS_2, concept_cooldown=0.5),
+        "rows",
+        active_share=0.5,
+    ),
+    Configuration(
+        "sega-1-cool-0.25",
+        dict(enable=True, sega_enable=True, sega_edits=EDIT_1_COOL_025, sega_momentum=0.0),
+        "rows",
+        active_share=0.25,
+    ),
     Configuration("s-cfg", dict(enable=True, scfg_enable=True), 1.10, 1.25),
+    Configuration("s-cfg-r1", dict(enable=True, scfg_enable=True, scfg_mask_factor=1), None, 1.10),
     Configuration("regulation", dict(enable=True, regulation_enable=True, regulation_targets=TARGETS), 1.20),
     Configuration(
         "all-four",
@@ -79,6 +117,9 @@ def load_unet(model: str, device: str = "cpu", dtype: torch.dtype = torch.float3
     860M random parameters takes a while and every memory subprocess needs them)."""
     from tests.testbed.unet import CONFIGS, make_unet
 
+    if model in BENCH_CONFIGS:
+        CONFIGS.setdefault(model, BENCH_CONFIGS[model])  # the bench's own layouts, built like the others
+        return make_unet(model, seed=seed, dtype=dtype, device=device)
     if model == "tiny":
         return make_unet(model, seed=seed, dtype=dtype, device=device)
     path = _cache_path(model, seed)
