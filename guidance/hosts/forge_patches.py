@@ -77,13 +77,15 @@ def host_attention(q, k, v, heads: int) -> torch.Tensor:
     return attention_function(q, k, v, heads)
 
 
-def row_labels(labels: Sequence[int], batch: int, sigmas: torch.Tensor) -> dict:
+def row_labels(labels: Sequence[int], batch: int, cond_mark: torch.Tensor) -> dict:
     """The transformer options Forge derives from a call's chunk labels (compute_cond_mark,
-    compute_cond_indices in sampling_function.py)."""
+    compute_cond_indices in sampling_function.py). `cond_mark` is the host's mark of the call's first
+    rows: our rows (all cond, 0) are appended on its device, with no host-to-device copy."""
     rows = [(i * batch + r, label) for i, label in enumerate(labels) for r in range(batch)]
+    added = len(rows) - cond_mark.shape[0]
     return {
         "cond_or_uncond": list(labels),
-        "cond_mark": torch.tensor([label for _, label in rows], dtype=sigmas.dtype, device=sigmas.device),
+        "cond_mark": torch.cat([cond_mark, cond_mark.new_zeros(added)]) if added > 0 else cond_mark[: len(rows)],
         "cond_indices": [row for row, label in rows if label == COND],
         "uncond_indices": [row for row, label in rows if label == UNCOND],
     }
@@ -251,7 +253,8 @@ class ForgePatches:
         # one cond chunk of K·B rows: tools that loop over a call's chunks (StyleAlign) see a batch
         extra_timestep = timestep[cond_rows].repeat(len(self.blocks))
         options = dict(c.get("transformer_options", {}))
-        options.update(row_labels([COND], batch * len(self.blocks), extra_timestep), sigmas=extra_timestep)
+        mark = options.get("cond_mark", extra_timestep)
+        options.update(row_labels([COND], batch * len(self.blocks), mark.new_zeros(0)), sigmas=extra_timestep)
         extra_c["transformer_options"] = options
         if c.get("control_model") is not None:
             extra_c["control_model"] = c["control_model"]
@@ -284,7 +287,8 @@ class ForgePatches:
             if c.get(key) is not None:
                 joined[key] = torch.cat([c[key], extra_c[key]])
         options = dict(c.get("transformer_options", {}))
-        options.update(row_labels(labels, self.run.batch_size, options.get("sigmas", args["timestep"])))
+        mark = options.get("cond_mark", args["timestep"].new_zeros(0))
+        options.update(row_labels(labels, self.run.batch_size, mark))
         joined["transformer_options"] = options
         return {
             "input": torch.cat([args["input"], extra_args["input"]]),
