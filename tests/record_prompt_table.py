@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import random
 import sys
 from pathlib import Path
 
@@ -64,7 +65,28 @@ CASES = [
     ("a [b:12] c", 10, 10),
     ("[x|y] z", 4, 4),
     ("", 10, None),
+    # lark's reading of stray brackets and colons right after a construct
+    ("[x:y:0.4]:: b", 10, None),
+    ("[x:y:0.4]:::", 10, None),
+    ("[x:y:0.4][]::", 10, None),
+    ("[x:y:0.4][]:", 10, None),
+    ("[x:y:0.4]:(a)::", 10, None),
+    ("[x:y:0.4]:(a):", 10, None),
 ]
+
+
+# pieces of bracket-heavy random prompts: the grammar's ambiguous corners, far more often than people
+# write them (the top level reads stray brackets and colons as text, and lark resolves the ambiguity)
+FUZZ_PIECES = ["a", "b c", " ", "[", "]", "(", ")", ":", "|", "\\", "0.5", "2", ".3", "-1", " AND ", "BREAK", ",",
+               "::", "[x:y:0.4]", "(z:1.2)", "[p|q]", "[a:", ":0.5]", "[]", "()"]  # fmt: skip
+FUZZ_COUNT, FUZZ_SEED = 300, 15
+
+
+def fuzz_cases() -> list[tuple[str, int, int | None]]:
+    """FUZZ_COUNT random prompts from FUZZ_PIECES (seeded), each for a first pass and a hires pass."""
+    rng = random.Random(FUZZ_SEED)
+    prompts = ["".join(rng.choice(FUZZ_PIECES) for _ in range(rng.randint(1, 9))) for _ in range(FUZZ_COUNT)]
+    return [(prompt, 7, None) for prompt in prompts] + [(prompt, 7, 5) for prompt in prompts]
 
 
 def load_parser(path: str):
@@ -102,10 +124,11 @@ def main(argv: list[str]) -> None:
     table = {
         "source": "modules/prompt_parser.py of AUTOMATIC1111 stable-diffusion-webui v1.10.1 (82a973c0), lark 1.1.9",
         "cases": [record_case(parser, *case) for case in CASES],
+        "fuzz": [record_case(parser, *case) for case in fuzz_cases()],
     }
     TABLE.parent.mkdir(exist_ok=True)
     TABLE.write_text(json.dumps(table, indent=1, ensure_ascii=False) + "\n")
-    print(f"{len(table['cases'])} cases → {TABLE}")
+    print(f"{len(table['cases'])} cases and {len(table['fuzz'])} random ones → {TABLE}")
 
 
 if __name__ == "__main__":

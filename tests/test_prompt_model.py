@@ -58,6 +58,28 @@ def test_emphasis_of_every_scheduled_text(case):
         assert [list(f) for f in pm.emphasis_fragments(text)] == fragments, text
 
 
+def fuzz_mismatches(case) -> list[str]:
+    """Where the model differs from the host on one recorded case: parts, schedules, emphasis."""
+    found = []
+    parts = pm.and_parts(case["prompt"])
+    if [(row.text, row.weight) for row in parts] != [(part["text"], part["weight"]) for part in case["parts"]]:
+        found.append("AND parts")
+    for part in case["parts"]:
+        if [list(e) for e in pm.prompt_schedule(part["text"], case["steps"], case["hires_steps"])] != part["schedule"]:
+            found.append(f"schedule of {part['text']!r}")
+    for text, fragments in case["emphasis"].items():
+        if not isinstance(fragments, str) and [list(f) for f in pm.emphasis_fragments(text)] != fragments:
+            found.append(f"emphasis of {text!r}")
+    return found
+
+
+def test_random_bracket_heavy_prompts_read_as_the_host_reads_them():
+    """600 recorded random prompts full of stray brackets, colons, escapes, AND and BREAK."""
+    assert len(TABLE["fuzz"]) == 600
+    mismatches = {case["prompt"]: found for case in TABLE["fuzz"] if (found := fuzz_mismatches(case))}
+    assert mismatches == {}
+
+
 def test_the_issue_prompts():
     """Issue 15: what each step of a 20-call run encodes."""
     castle = pm.prompt_segments("a castle on a hill AND a dragon :-1", 20)
