@@ -262,10 +262,12 @@ def prompt_schedule(
         int_offset, float_offset, total = steps, 1.0, hires_steps
     try:
         nodes = _settle(text, _parse_nodes(text, 0, top=True)[0])
+        ends = _resolve_steps(nodes, total, int_offset, float_offset, use_old_scheduling)
+        return [(end, _text_at(nodes, end)) for end in ends]
     except _Rejected:
         return [(total, text)]
-    ends = _resolve_steps(nodes, total, int_offset, float_offset, use_old_scheduling)
-    return [(end, _text_at(nodes, end)) for end in ends]
+    except RecursionError:  # thousands of nested brackets: read literally rather than fail the image
+        return [(total, text)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,12 +292,14 @@ def prompt_segments(
     schedules = [prompt_schedule(part.text, steps, hires_steps, use_old_scheduling) for part in parts]
     calls = hires_steps if hires_steps is not None else steps
     ends = sorted({end for schedule in schedules for end, _ in schedule})
+    if ends[-1] < calls - 1:  # old scheduling in a longer hires pass: the host falls back to entry 0
+        ends.append(calls - 1)
     segments, first = [], 0
     for end in ends:
         last = min(end, calls - 1)
         if first <= last:
             rows = tuple(
-                Row(next(text for entry_end, text in schedule if entry_end >= end), part.weight)
+                Row(next((text for entry_end, text in schedule if entry_end >= end), schedule[0][1]), part.weight)
                 for part, schedule in zip(parts, schedules, strict=True)
             )
             segments.append(Segment(first, last, rows))

@@ -72,6 +72,10 @@ CASES = [
     ("[x:y:0.4][]:", 10, None),
     ("[x:y:0.4]:(a)::", 10, None),
     ("[x:y:0.4]:(a):", 10, None),
+    # the "old prompt editing timelines" option: < 1 a fraction, ≥ 1 a step, with or without a point
+    ("a [b:0.5] c [d:e:3.7] [f:g:12]", 10, None, True),
+    ("a [b:0.5] c [d:e:3.7]", 10, 4, True),
+    ("a [b:0.5] c AND d", 4, 10, True),
 ]
 
 
@@ -104,17 +108,24 @@ def read_emphasis(parser, text: str) -> list | str:
         return type(error).__name__
 
 
-def record_case(parser, prompt: str, steps: int, hires_steps: int | None) -> dict:
+def record_case(parser, prompt: str, steps: int, hires_steps: int | None, old: bool = False) -> dict:
     """One prompt: its AND parts (text, weight, schedule) and the emphasis of every scheduled text."""
     indexes, texts, _ = parser.get_multicond_prompt_list([prompt])
-    schedules = parser.get_learned_conditioning_prompt_schedules(list(texts), steps, hires_steps)
+    schedules = parser.get_learned_conditioning_prompt_schedules(list(texts), steps, hires_steps, old)
     parts = [
         {"text": texts[index], "weight": weight, "schedule": [[end, text] for end, text in schedules[index]]}
         for index, weight in indexes[0]
     ]
     scheduled = sorted({text for part in parts for _, text in part["schedule"]})
     emphasis = {text: read_emphasis(parser, text) for text in scheduled}
-    return {"prompt": prompt, "steps": steps, "hires_steps": hires_steps, "parts": parts, "emphasis": emphasis}
+    return {
+        "prompt": prompt,
+        "steps": steps,
+        "hires_steps": hires_steps,
+        "use_old_scheduling": old,
+        "parts": parts,
+        "emphasis": emphasis,
+    }
 
 
 def main(argv: list[str]) -> None:

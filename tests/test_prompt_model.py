@@ -30,19 +30,21 @@ def test_and_parts_and_weights_as_the_host_splits_them(case):
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_each_parts_schedule_as_the_host_resolves_it(case):
     for part in case["parts"]:
-        schedule = pm.prompt_schedule(part["text"], case["steps"], case["hires_steps"])
+        schedule = pm.prompt_schedule(part["text"], case["steps"], case["hires_steps"], case["use_old_scheduling"])
         assert [list(entry) for entry in schedule] == part["schedule"], part["text"]
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_rows_at_every_denoiser_call(case):
-    """At call s the host encodes, per part, the first entry whose end is ≥ s (reconstruct_cond_batch)."""
+    """At call s the host encodes, per part, the first entry whose end is ≥ s, else the first entry
+    (reconstruct_cond_batch; only old scheduling in a longer hires pass gets there)."""
     calls = case["hires_steps"] or case["steps"]
-    segments = pm.prompt_segments(case["prompt"], case["steps"], case["hires_steps"])
+    segments = pm.prompt_segments(case["prompt"], case["steps"], case["hires_steps"], case["use_old_scheduling"])
     assert segments[0].first_step == 0 and segments[-1].last_step == calls - 1
     for step in range(calls):
         expected = [
-            (next(text for end, text in part["schedule"] if step <= end), part["weight"]) for part in case["parts"]
+            (next((text for end, text in part["schedule"] if step <= end), part["schedule"][0][1]), part["weight"])
+            for part in case["parts"]
         ]
         rows = pm.span_at(segments, step).rows
         assert [(row.text, row.weight) for row in rows] == expected, step
@@ -65,7 +67,8 @@ def fuzz_mismatches(case) -> list[str]:
     if [(row.text, row.weight) for row in parts] != [(part["text"], part["weight"]) for part in case["parts"]]:
         found.append("AND parts")
     for part in case["parts"]:
-        if [list(e) for e in pm.prompt_schedule(part["text"], case["steps"], case["hires_steps"])] != part["schedule"]:
+        schedule = pm.prompt_schedule(part["text"], case["steps"], case["hires_steps"], case["use_old_scheduling"])
+        if [list(e) for e in schedule] != part["schedule"]:
             found.append(f"schedule of {part['text']!r}")
     for text, fragments in case["emphasis"].items():
         if not isinstance(fragments, str) and [list(f) for f in pm.emphasis_fragments(text)] != fragments:
@@ -157,3 +160,9 @@ def test_specials_and_malformed_chunks():
     assert pm.token_columns(chunks, []) == []
     with pytest.raises(ValueError, match="expected 77"):
         pm.token_columns([[BOS, 5, EOS]], [5])
+
+
+def test_absurd_nesting_does_not_fail():
+    deep = "(" * 3000 + "a [b:c:0.5]" + ")" * 3000
+    assert pm.prompt_schedule(deep, 10) == [(10, deep)]
+    assert [s.rows[0].text for s in pm.prompt_segments(deep, 10)] == [deep]
