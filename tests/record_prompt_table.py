@@ -128,6 +128,15 @@ def record_case(parser, prompt: str, steps: int, hires_steps: int | None, old: b
     }
 
 
+def table_json(table: dict) -> str:
+    """The table as JSON with one case per line (diffs stay readable)."""
+    lines = [f'{{"source": {json.dumps(table["source"])}']
+    for key in ("cases", "fuzz"):
+        rows = ",\n".join(json.dumps(case, ensure_ascii=False) for case in table[key])
+        lines.append(f'"{key}": [\n{rows}\n]')
+    return ",\n".join(lines) + "}\n"
+
+
 def main(argv: list[str]) -> None:
     if len(argv) != 2:
         raise SystemExit(__doc__)
@@ -138,7 +147,7 @@ def main(argv: list[str]) -> None:
         "fuzz": [record_case(parser, *case) for case in fuzz_cases()],
     }
     TABLE.parent.mkdir(exist_ok=True)
-    TABLE.write_text(json.dumps(table, indent=1, ensure_ascii=False) + "\n")
+    TABLE.write_text(table_json(table))
     print(f"{len(table['cases'])} cases and {len(table['fuzz'])} random ones → {TABLE}")
 
 
