@@ -80,9 +80,23 @@ class _Alternate:
     options: list[list]
 
 
+class _Stray(str):
+    """A bracket or colon the top level reads as literal text."""
+
+
+@dataclass
+class _Top:
+    """A construct at the top level, with where its text starts and ends: it may still be read as
+    literal text (`_settle`)."""
+
+    node: object
+    start: int
+    end: int
+
+
 def _parse_nodes(text: str, pos: int, top: bool) -> tuple[list, int]:
     """Nodes from `pos` until a bracket, ':' or '|' that closes an enclosing construct (nested), or
-    the end (top level, where stray brackets and colons are literal text)."""
+    the end (top level, where stray brackets and colons are literal `_Stray` text)."""
     nodes: list = []
     while pos < len(text):
         char = text[pos]
@@ -93,19 +107,21 @@ def _parse_nodes(text: str, pos: int, top: bool) -> tuple[list, int]:
             pos += 2
         elif char in "[(":
             try:
-                node, pos = _parse_bracket(text, pos)
-                nodes.append(node)
+                node, end = _parse_bracket(text, pos)
             except _Rejected:
                 if not top:
                     raise
-                nodes.append(char)
+                nodes.append(_Stray(char))
                 pos += 1
+                continue
+            nodes.append(_Top(node, pos, end) if top and not isinstance(node, _Alternate) else node)
+            pos = end
         elif char == "|" and top:
             raise _Rejected
         elif char in _PLAIN_STOP:
             if not top:
                 return nodes, pos
-            nodes.append(char)
+            nodes.append(_Stray(char))
             pos += 1
         else:
             end = pos
@@ -116,6 +132,32 @@ def _parse_nodes(text: str, pos: int, top: bool) -> tuple[list, int]:
     if not top:
         raise _Rejected  # the construct was never closed
     return nodes, pos
+
+
+def _read_as_strays(source: str, run: int) -> bool:
+    """Whether lark reads a top-level construct as literal text, from the stray characters directly
+    after it: an even run of 2 or more; for one made of brackets and colons only ("[]"), any run."""
+    if not source.strip("[]():"):
+        return run >= 1
+    return run >= 2 and run % 2 == 0
+
+
+def _settle(text: str, nodes: list) -> list:
+    """The host's reading of the top level where its grammar is ambiguous: a schedule or emphasis
+    followed by stray brackets and colons may be literal text (`_read_as_strays`), as lark 1.1.9's
+    Earley parser resolves it (found by comparing many bracket-heavy prompts with the host's)."""
+    settled: list = []
+    run = 0  # stray characters directly after the node being settled
+    pending = list(nodes)
+    while pending:
+        node = pending.pop()
+        if isinstance(node, _Top) and _read_as_strays(text[node.start : node.end], run):
+            inner, _ = _parse_nodes(text[: node.end], node.start + 1, top=True)
+            pending += [_Stray(text[node.start]), *inner]
+            continue
+        settled.append(node.node if isinstance(node, _Top) else node)
+        run = run + 1 if isinstance(node, _Stray) else 0
+    return settled[::-1]
 
 
 def _parse_bracket(text: str, pos: int) -> tuple[object, int]:
@@ -140,6 +182,8 @@ def _parse_bracket(text: str, pos: int) -> tuple[object, int]:
         if text[pos] != "]":
             raise _Rejected
         return _Alternate(options), pos + 1
+    if text[pos] != ":":
+        raise _Rejected
     return _parse_schedule(text, pos, first)
 
 
@@ -217,11 +261,13 @@ def prompt_schedule(
     if hires_steps is not None and not use_old_scheduling:
         int_offset, float_offset, total = steps, 1.0, hires_steps
     try:
-        nodes, _ = _parse_nodes(text, 0, top=True)
+        nodes = _settle(text, _parse_nodes(text, 0, top=True)[0])
+        ends = _resolve_steps(nodes, total, int_offset, float_offset, use_old_scheduling)
+        return [(end, _text_at(nodes, end)) for end in ends]
     except _Rejected:
         return [(total, text)]
-    ends = _resolve_steps(nodes, total, int_offset, float_offset, use_old_scheduling)
-    return [(end, _text_at(nodes, end)) for end in ends]
+    except RecursionError:  # thousands of nested brackets: read literally rather than fail the image
+        return [(total, text)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,12 +292,14 @@ def prompt_segments(
     schedules = [prompt_schedule(part.text, steps, hires_steps, use_old_scheduling) for part in parts]
     calls = hires_steps if hires_steps is not None else steps
     ends = sorted({end for schedule in schedules for end, _ in schedule})
+    if ends[-1] < calls - 1:  # old scheduling in a longer hires pass: the host falls back to entry 0
+        ends.append(calls - 1)
     segments, first = [], 0
     for end in ends:
         last = min(end, calls - 1)
         if first <= last:
             rows = tuple(
-                Row(next(text for entry_end, text in schedule if entry_end >= end), part.weight)
+                Row(next((text for entry_end, text in schedule if entry_end >= end), schedule[0][1]), part.weight)
                 for part, schedule in zip(parts, schedules, strict=True)
             )
             segments.append(Segment(first, last, rows))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import random
 import sys
 from pathlib import Path
 
@@ -64,7 +65,32 @@ CASES = [
     ("a [b:12] c", 10, 10),
     ("[x|y] z", 4, 4),
     ("", 10, None),
+    # lark's reading of stray brackets and colons right after a construct
+    ("[x:y:0.4]:: b", 10, None),
+    ("[x:y:0.4]:::", 10, None),
+    ("[x:y:0.4][]::", 10, None),
+    ("[x:y:0.4][]:", 10, None),
+    ("[x:y:0.4]:(a)::", 10, None),
+    ("[x:y:0.4]:(a):", 10, None),
+    # the "old prompt editing timelines" option: < 1 a fraction, ≥ 1 a step, with or without a point
+    ("a [b:0.5] c [d:e:3.7] [f:g:12]", 10, None, True),
+    ("a [b:0.5] c [d:e:3.7]", 10, 4, True),
+    ("a [b:0.5] c AND d", 4, 10, True),
 ]
+
+
+# pieces of bracket-heavy random prompts: the grammar's ambiguous corners, far more often than people
+# write them (the top level reads stray brackets and colons as text, and lark resolves the ambiguity)
+FUZZ_PIECES = ["a", "b c", " ", "[", "]", "(", ")", ":", "|", "\\", "0.5", "2", ".3", "-1", " AND ", "BREAK", ",",
+               "::", "[x:y:0.4]", "(z:1.2)", "[p|q]", "[a:", ":0.5]", "[]", "()"]  # fmt: skip
+FUZZ_COUNT, FUZZ_SEED = 300, 15
+
+
+def fuzz_cases() -> list[tuple[str, int, int | None]]:
+    """FUZZ_COUNT random prompts from FUZZ_PIECES (seeded), each for a first pass and a hires pass."""
+    rng = random.Random(FUZZ_SEED)
+    prompts = ["".join(rng.choice(FUZZ_PIECES) for _ in range(rng.randint(1, 9))) for _ in range(FUZZ_COUNT)]
+    return [(prompt, 7, None) for prompt in prompts] + [(prompt, 7, 5) for prompt in prompts]
 
 
 def load_parser(path: str):
@@ -82,17 +108,33 @@ def read_emphasis(parser, text: str) -> list | str:
         return type(error).__name__
 
 
-def record_case(parser, prompt: str, steps: int, hires_steps: int | None) -> dict:
+def record_case(parser, prompt: str, steps: int, hires_steps: int | None, old: bool = False) -> dict:
     """One prompt: its AND parts (text, weight, schedule) and the emphasis of every scheduled text."""
     indexes, texts, _ = parser.get_multicond_prompt_list([prompt])
-    schedules = parser.get_learned_conditioning_prompt_schedules(list(texts), steps, hires_steps)
+    schedules = parser.get_learned_conditioning_prompt_schedules(list(texts), steps, hires_steps, old)
     parts = [
         {"text": texts[index], "weight": weight, "schedule": [[end, text] for end, text in schedules[index]]}
         for index, weight in indexes[0]
     ]
     scheduled = sorted({text for part in parts for _, text in part["schedule"]})
     emphasis = {text: read_emphasis(parser, text) for text in scheduled}
-    return {"prompt": prompt, "steps": steps, "hires_steps": hires_steps, "parts": parts, "emphasis": emphasis}
+    return {
+        "prompt": prompt,
+        "steps": steps,
+        "hires_steps": hires_steps,
+        "use_old_scheduling": old,
+        "parts": parts,
+        "emphasis": emphasis,
+    }
+
+
+def table_json(table: dict) -> str:
+    """The table as JSON with one case per line (diffs stay readable)."""
+    lines = [f'{{"source": {json.dumps(table["source"])}']
+    for key in ("cases", "fuzz"):
+        rows = ",\n".join(json.dumps(case, ensure_ascii=False) for case in table[key])
+        lines.append(f'"{key}": [\n{rows}\n]')
+    return ",\n".join(lines) + "}\n"
 
 
 def main(argv: list[str]) -> None:
@@ -102,10 +144,11 @@ def main(argv: list[str]) -> None:
     table = {
         "source": "modules/prompt_parser.py of AUTOMATIC1111 stable-diffusion-webui v1.10.1 (82a973c0), lark 1.1.9",
         "cases": [record_case(parser, *case) for case in CASES],
+        "fuzz": [record_case(parser, *case) for case in fuzz_cases()],
     }
     TABLE.parent.mkdir(exist_ok=True)
-    TABLE.write_text(json.dumps(table, indent=1, ensure_ascii=False) + "\n")
-    print(f"{len(table['cases'])} cases → {TABLE}")
+    TABLE.write_text(table_json(table))
+    print(f"{len(table['cases'])} cases and {len(table['fuzz'])} random ones → {TABLE}")
 
 
 if __name__ == "__main__":

@@ -30,19 +30,21 @@ def test_and_parts_and_weights_as_the_host_splits_them(case):
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_each_parts_schedule_as_the_host_resolves_it(case):
     for part in case["parts"]:
-        schedule = pm.prompt_schedule(part["text"], case["steps"], case["hires_steps"])
+        schedule = pm.prompt_schedule(part["text"], case["steps"], case["hires_steps"], case["use_old_scheduling"])
         assert [list(entry) for entry in schedule] == part["schedule"], part["text"]
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_rows_at_every_denoiser_call(case):
-    """At call s the host encodes, per part, the first entry whose end is ≥ s (reconstruct_cond_batch)."""
+    """At call s the host encodes, per part, the first entry whose end is ≥ s, else the first entry
+    (reconstruct_cond_batch; only old scheduling in a longer hires pass gets there)."""
     calls = case["hires_steps"] or case["steps"]
-    segments = pm.prompt_segments(case["prompt"], case["steps"], case["hires_steps"])
+    segments = pm.prompt_segments(case["prompt"], case["steps"], case["hires_steps"], case["use_old_scheduling"])
     assert segments[0].first_step == 0 and segments[-1].last_step == calls - 1
     for step in range(calls):
         expected = [
-            (next(text for end, text in part["schedule"] if step <= end), part["weight"]) for part in case["parts"]
+            (next((text for end, text in part["schedule"] if step <= end), part["schedule"][0][1]), part["weight"])
+            for part in case["parts"]
         ]
         rows = pm.span_at(segments, step).rows
         assert [(row.text, row.weight) for row in rows] == expected, step
@@ -56,6 +58,29 @@ def test_emphasis_of_every_scheduled_text(case):
             assert pm.plain_row_text(text)
             continue
         assert [list(f) for f in pm.emphasis_fragments(text)] == fragments, text
+
+
+def fuzz_mismatches(case) -> list[str]:
+    """Where the model differs from the host on one recorded case: parts, schedules, emphasis."""
+    found = []
+    parts = pm.and_parts(case["prompt"])
+    if [(row.text, row.weight) for row in parts] != [(part["text"], part["weight"]) for part in case["parts"]]:
+        found.append("AND parts")
+    for part in case["parts"]:
+        schedule = pm.prompt_schedule(part["text"], case["steps"], case["hires_steps"], case["use_old_scheduling"])
+        if [list(e) for e in schedule] != part["schedule"]:
+            found.append(f"schedule of {part['text']!r}")
+    for text, fragments in case["emphasis"].items():
+        if not isinstance(fragments, str) and [list(f) for f in pm.emphasis_fragments(text)] != fragments:
+            found.append(f"emphasis of {text!r}")
+    return found
+
+
+def test_random_bracket_heavy_prompts_read_as_the_host_reads_them():
+    """600 recorded random prompts full of stray brackets, colons, escapes, AND and BREAK."""
+    assert len(TABLE["fuzz"]) == 600
+    mismatches = {case["prompt"]: found for case in TABLE["fuzz"] if (found := fuzz_mismatches(case))}
+    assert mismatches == {}
 
 
 def test_the_issue_prompts():
@@ -135,3 +160,9 @@ def test_specials_and_malformed_chunks():
     assert pm.token_columns(chunks, []) == []
     with pytest.raises(ValueError, match="expected 77"):
         pm.token_columns([[BOS, 5, EOS]], [5])
+
+
+def test_absurd_nesting_does_not_fail():
+    deep = "(" * 3000 + "a [b:c:0.5]" + ")" * 3000
+    assert pm.prompt_schedule(deep, 10) == [(10, deep)]
+    assert [s.rows[0].text for s in pm.prompt_segments(deep, 10)] == [deep]
