@@ -145,7 +145,8 @@ def test_concrete_controls(tab, params):
     # the settings page's, so it stays out of ui-config.json
     labels = [c.label for c in tab.components[1:]]
     assert len(labels) == len(set(labels))
-    unsaved = [p.key for p, c in zip(params.PARAMS, tab.components, strict=True) if getattr(c, "do_not_save_to_config", 0)]
+    pairs = zip(params.PARAMS, tab.components, strict=True)
+    unsaved = [p.key for p, c in pairs if getattr(c, "do_not_save_to_config", False)]
     assert unsaved == ["preset"]
 
 
