@@ -187,6 +187,7 @@ def prompt_component(script, is_img2img: bool):
 # Presets: the header's summary and the settings page
 
 DEFAULT_PRESET_OPTION = "semantic_fidelity_default_preset"
+SAVE_DIAGNOSTICS_OPTION = "semantic_fidelity_save_diagnostics"
 SETTINGS_SECTION = ("semantic_fidelity", "Semantic Fidelity")
 _SWITCH_KEYS = tuple(params.METHOD_SWITCHES.values())
 _SHORT_NAMES = {"concepts": "concept steering", "sega": "SEGA edits", "scfg": "S-CFG", "regulation": "regulation"}
@@ -214,7 +215,8 @@ def default_preset() -> str:
 
 
 def add_settings() -> None:
-    """The settings page's entries (`on_ui_settings`): the preset new tabs and API requests start with."""
+    """The settings page's entries (`on_ui_settings`): the preset new tabs and API requests start with,
+    and whether diagnostics images are saved (off)."""
     import gradio as gr
     from modules import shared
 
@@ -227,6 +229,10 @@ def add_settings() -> None:
     )
     info = info.info("used by new pages after Reload UI, and by API requests that name none")
     shared.opts.add_option(DEFAULT_PRESET_OPTION, info)
+    label = "Save diagnostics images (concept similarities over the steps)"
+    diagnostics = shared.OptionInfo(False, label, gr.Checkbox, {}, section=SETTINGS_SECTION)
+    diagnostics = diagnostics.info("for the diagnostics feature: guidance/diagnostics.py draws them; not recorded yet")
+    shared.opts.add_option(SAVE_DIAGNOSTICS_OPTION, diagnostics)
 
 
 def _summary_box(script):

@@ -590,6 +590,9 @@ def test_settings_page_default_preset_reaches_new_tabs_and_requests(script_modul
             {"choices": ["Light", "Balanced", "Strong", "Custom"]},
         )
         assert info.section == ("semantic_fidelity", "Semantic Fidelity") and "API requests" in info.comment_after
+        diagnostics = shared.opts.data_labels[ui.SAVE_DIAGNOSTICS_OPTION]
+        assert (diagnostics.default, diagnostics.component, diagnostics.section) == (False, gr.Checkbox, info.section)
+        assert shared.opts.semantic_fidelity_save_diagnostics is False
         assert ui.default_preset() == "Balanced"
         shared.opts.data[ui.DEFAULT_PRESET_OPTION] = "Light"
         tab = build_tabs(script_module)["txt2img"]
