@@ -1,9 +1,14 @@
 """The accordion UI, built from params.py for both hosts (gradio 3.41 in A1111, Forge's gradio 4).
 
 `build_ui` returns one component per Param in PARAMS order: that order is the script's positional
-argument order for the API. Everything else built here (the Detect button, the SEGA edit slots, a
-hidden echo box) is UI-only and never returned. gradio is imported here only, so the sampling side
-loads without it.
+argument order for the API. Everything else built here (the header's preset summary, the Detect
+button, the SEGA edit slots, a hidden echo box) is UI-only and never returned. gradio is imported
+here only, so the sampling side loads without it.
+
+Progressive disclosure comes from `Param.advanced`: per section one row with the switch and the
+main controls, then a closed "Advanced" fold with the rest. The header's summary says what the
+header switch does (the preset, or Custom with the ticked methods) and follows the preset and the
+method switches. The settings page adds the default preset.
 
 SEGA edit slots and the edits text box edit the same thing, the text box being the value that
 counts. The events are chosen so that they cannot feed each other forever:
@@ -399,7 +404,6 @@ def build_ui(script, is_img2img: bool) -> list:
     for param, component in zip(params.PARAMS, ordered, strict=True):
         # the hosts put `webui_tooltip` into the component config and show it as the title
         component.webui_tooltip = param.tooltip
-    script.__dict__["_sf_components"] = components
     return ordered
 
 
