@@ -56,6 +56,7 @@ class Param:
     xyz: bool = False
     max_length: int | None = None
     check: Callable[[Any], str | None] | None = field(default=None, compare=False, repr=False)
+    advanced: bool = False  # shown in the method's closed "Advanced" fold, not at first sight
     position: int = -1
 
     @property
@@ -239,6 +240,7 @@ def _p(
     xyz=None,
     max_length=None,
     check=None,
+    advanced=True,
 ) -> Param:
     if xyz is None:  # every number gets an X/Y/Z axis by default
         xyz = kind in ("int", "float")
@@ -257,30 +259,59 @@ def _p(
         xyz,
         max_length,
         check,
+        advanced,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets: what the header switch alone turns on (no method ticked). Each names its methods and the
+# few values it changes ("all" models, then "sdxl" on top for SDXL). None touches a control shown
+# at first sight, so the strengths the user sets apply under every preset.
+
+PRESET_CUSTOM = "Custom"
+# fmt: off
+PRESETS: Mapping[str, Mapping[str, Mapping[str, Any]]] = {
+    # S-CFG only: no extra UNet row, the benchmark's target for it is 1.10x plain CFG
+    "Light": {"all": {"scfg_enable": True}},
+    # the detected concepts (one row each, plus the abstract one) and S-CFG
+    "Balanced": {"all": {"concepts_enable": True, "scfg_enable": True}},
+    # Balanced plus attention regulation of the concepts. SDXL's last down and first up blocks
+    # hold 10 transformers each (50 regulated layers against SD1.5's 5): the last down block
+    # (20 layers) at half the iterations
+    "Strong": {
+        "all": {"concepts_enable": True, "scfg_enable": True, "regulation_enable": True},
+        "sdxl": {"regulation_layers": "last down", "regulation_iterations": 10},
+    },
+    PRESET_CUSTOM: {},
+}
+# fmt: on
+PRESET_NAMES = tuple(PRESETS)
+PRESET_DEFAULT = "Balanced"
 
 
 REGULATION_LAYER_CHOICES = ("last down + first up", "last down", "first up", "all cross-attention")
 
-# A table, one control per entry; the columns are _p's arguments in order.
+# A table, one control per entry; the columns are _p's arguments in order. Labels are unique: the
+# hosts keep UI defaults per label (ui-config.json). advanced=False marks what shows at first sight.
 # fmt: off
 _PARAM_LIST = [
     # -- general ---------------------------------------------------------------------------------
     _p("enable", "Enable Semantic Fidelity", "bool", False, "general", "",
-       "Master switch. Off: the image is exactly what the WebUI makes without the extension.",
-       xyz=True),
+       "Master switch. Off: the image is exactly what the WebUI makes without the extension. On "
+       "with no method ticked: the preset's methods.", xyz=True, advanced=False),
     _p("apply_hires", "Apply in the hires-fix pass", "bool", True, "general", "hires",
        "Also steer the second (hires-fix) pass. Its schedules are fractions of that pass's steps.",
-       xyz=True),
+       xyz=True, advanced=False),
     # -- concept steering (ConceptDiffusion) ------------------------------------------------------
     _p("concepts_enable", "Concept steering", "bool", False, "concepts", "concept steering",
-       "Find the concepts the model neglects and steer towards them (ConceptDiffusion).", xyz=True),
+       "Find the concepts the model neglects and steer towards them (ConceptDiffusion). Each "
+       "concept is one more UNet row per image.", xyz=True, advanced=False),
     _p("concepts", "Concepts", "str", "", "concepts", "concepts",
        "Noun phrases to watch, separated by ';' or ','. Empty: detected from the prompt.",
-       xyz=True, max_length=MAX_PHRASE_LIST_CHARS, check=_check_phrase_list),
+       xyz=True, max_length=MAX_PHRASE_LIST_CHARS, check=_check_phrase_list, advanced=False),
     _p("concept_scale", "Concept scale", "float", 8.5, "concepts", "concept scale",
        "Strength of the concept guidance, separate from CFG (authors: 8.5 at CFG 7.5).",
-       0.0, 30.0, 0.5),
+       0.0, 30.0, 0.5, advanced=False),
     _p("concept_subject_threshold", "Subject threshold", "float", 0.5, "concepts",
        "concept subject threshold",
        "A subject is steered while its mean similarity to the prompt's guidance stays below "
@@ -294,68 +325,72 @@ _PARAM_LIST = [
        "Use the paper's threshold 1/(n+1) for n concepts instead of the two thresholds above.",
        xyz=True),
     _p("concept_abstract", "Keep subjects apart", "bool", True, "concepts", "concept abstract",
-       "Also steer the abstract concept: the prompt's guidance with every subject removed.",
-       xyz=True),
-    _p("concept_percentile", "Percentile", "float", 0.9, "concepts", "concept percentile",
+       "Also steer the abstract concept: the prompt's guidance with every subject removed "
+       "(one more UNet row).", xyz=True),
+    _p("concept_percentile", "Concept percentile", "float", 0.9, "concepts", "concept percentile",
        "Guidance below this per-channel quantile is dropped before comparing (authors: 0.9).",
        0.0, 0.999, 0.005),
-    _p("concept_momentum", "Momentum", "float", 0.5, "concepts", "concept momentum",
+    _p("concept_momentum", "Concept momentum", "float", 0.5, "concepts", "concept momentum",
        "Momentum scale of the subject guidance (authors: 0.5).", 0.0, 1.0, 0.05),
-    _p("concept_momentum_beta", "Momentum β", "float", 0.5, "concepts", "concept momentum beta",
+    _p("concept_momentum_beta", "Concept momentum β", "float", 0.5, "concepts", "concept momentum beta",
        "How much momentum is kept from step to step (authors: 0.5).", 0.0, 0.99, 0.01),
-    _p("concept_warmup", "Warm-up", "float", 0.1, "concepts", "concept warmup",
+    _p("concept_warmup", "Concept warm-up", "float", 0.1, "concepts", "concept warmup",
        "Fraction of the run before concepts are steered (authors: 5 of 50 steps).",
        0.0, 1.0, 0.01),
-    _p("concept_cooldown", "Cool-down", "float", 1.0, "concepts", "concept cooldown",
+    _p("concept_cooldown", "Concept cool-down", "float", 1.0, "concepts", "concept cooldown",
        "Fraction of the run after which steering stops; 1 = never.", 0.0, 1.0, 0.01),
-    _p("concept_window", "Window", "int", 5, "concepts", "concept window",
+    _p("concept_window", "Concept window", "int", 5, "concepts", "concept window",
        "Number of previous steps whose similarity is averaged for the decision (authors: 5).",
        1, 50, 1),
     # -- SEGA edits -------------------------------------------------------------------------------
     _p("sega_enable", "SEGA edits", "bool", False, "sega", "SEGA",
-       "Add or remove concepts with extra edit prompts (Semantic Guidance).", xyz=True),
+       "Add or remove concepts with extra edit prompts (Semantic Guidance). Each edit is one "
+       "more UNet row per image.", xyz=True, advanced=False),
     _p("sega_edits", "Edits", "edits", (), "sega", "SEGA edits",
        "One edit per line or separated by ';': '+ sunglasses : 5' adds, '- blur : 4' removes. "
-       "Optional fields after the scale: threshold, warm-up, cool-down, weight.", xyz=True),
-    _p("sega_momentum", "Momentum", "float", 0.1, "sega", "SEGA momentum",
+       "Optional fields after the scale: threshold, warm-up, cool-down, weight.", xyz=True,
+       advanced=False),
+    _p("sega_momentum", "Edit momentum", "float", 0.1, "sega", "SEGA momentum",
        "Momentum scale shared by all edits (diffusers: 0.1).", 0.0, 1.0, 0.05),
-    _p("sega_momentum_beta", "Momentum β", "float", 0.4, "sega", "SEGA momentum beta",
+    _p("sega_momentum_beta", "Edit momentum β", "float", 0.4, "sega", "SEGA momentum beta",
        "How much momentum is kept from step to step (diffusers: 0.4).", 0.0, 0.99, 0.01),
     # -- S-CFG ------------------------------------------------------------------------------------
     _p("scfg_enable", "S-CFG region scales", "bool", False, "scfg", "S-CFG",
        "Give every region of the image its own CFG scale so each part of the prompt gets an "
-       "even push (S-CFG).", xyz=True),
-    _p("scfg_rate_min", "Minimum rate", "float", 0.8, "scfg", "S-CFG rate min",
+       "even push (S-CFG).", xyz=True, advanced=False),
+    _p("scfg_rate_min", "S-CFG minimum rate", "float", 0.8, "scfg", "S-CFG rate min",
        "Lowest factor on CFG in any region (authors: 0.8).", 0.0, 5.0, 0.05),
-    _p("scfg_rate_max", "Maximum rate", "float", 3.0, "scfg", "S-CFG rate max",
-       "Highest factor on CFG in any region (authors: 3).", 0.1, 10.0, 0.05),
+    _p("scfg_rate_max", "S-CFG maximum rate", "float", 3.0, "scfg", "S-CFG rate max",
+       "Highest factor on CFG in any region (authors: 3): how hard neglected regions are pushed.",
+       0.1, 10.0, 0.05, advanced=False),
     _p("scfg_rate_cap", "Effective CFG cap", "float", 15.0, "scfg", "S-CFG cap",
        "The rate also stays at or below cap / CFG scale, so no region exceeds this CFG "
        "(authors: 15).", 1.0, 100.0, 0.5),
     _p("scfg_mask_factor", "Mask resolution factor R", "int", 4, "scfg", "S-CFG R",
        "Regions are computed at latent size / R from the attention layers at R and 2R "
        "(authors: 4). A power of two.", 1, 8, 1),
-    _p("scfg_start", "Start", "float", 0.0, "scfg", "S-CFG start",
+    _p("scfg_start", "S-CFG start", "float", 0.0, "scfg", "S-CFG start",
        "Fraction of the run where region scales begin.", 0.0, 1.0, 0.01),
-    _p("scfg_end", "End", "float", 1.0, "scfg", "S-CFG end",
+    _p("scfg_end", "S-CFG end", "float", 1.0, "scfg", "S-CFG end",
        "Fraction of the run where region scales end.", 0.0, 1.0, 0.01),
     # -- attention regulation ---------------------------------------------------------------------
     _p("regulation_enable", "Attention regulation", "bool", False, "regulation", "regulation",
        "Optimise the cross-attention so that every target word gets enough attention.",
-       xyz=True),
+       xyz=True, advanced=False),
     _p("regulation_targets", "Target words", "str", "", "regulation", "regulation targets",
        "Words or phrases of the prompt to regulate, separated by ';' or ','. Empty: the concepts.",
-       xyz=True, max_length=MAX_PHRASE_LIST_CHARS, check=_check_phrase_list),
-    _p("regulation_layers", "Layers", "choice", REGULATION_LAYER_CHOICES[0], "regulation",
+       xyz=True, max_length=MAX_PHRASE_LIST_CHARS, check=_check_phrase_list, advanced=False),
+    _p("regulation_layers", "Regulation layers", "choice", REGULATION_LAYER_CHOICES[0], "regulation",
        "regulation layers",
        "Cross-attention layers to regulate (paper: the last down block and the first up block).",
        choices=REGULATION_LAYER_CHOICES, xyz=True),
-    _p("regulation_end", "End", "float", 0.5, "regulation", "regulation end",
+    _p("regulation_end", "Regulation end", "float", 0.5, "regulation", "regulation end",
        "Fraction of the run after which attention is left alone (paper: 25 of 50 steps).",
        0.0, 1.0, 0.01),
-    _p("regulation_iterations", "Iterations", "int", 20, "regulation", "regulation iterations",
-       "Gradient steps per layer and step (authors: 20).", 1, 100, 1),
-    _p("regulation_step_size", "Step size", "float", 100.0, "regulation", "regulation step size",
+    _p("regulation_iterations", "Regulation iterations", "int", 20, "regulation",
+       "regulation iterations", "Gradient steps per layer and step (authors: 20).", 1, 100, 1),
+    _p("regulation_step_size", "Regulation step size", "float", 100.0, "regulation",
+       "regulation step size",
        "Gradient step size, multiplied by the number of rows as in the authors' code (100).",
        1.0, 1000.0, 1.0),
     _p("regulation_previous_weight", "Previous-step weight", "float", 0.25, "regulation",
@@ -364,6 +399,11 @@ _PARAM_LIST = [
        0.0, 1.0, 0.05),
     _p("regulation_decay", "Decay per step", "float", 0.99, "regulation", "regulation decay",
        "The bias is multiplied by decay^step (authors: 0.99).", 0.5, 1.0, 0.005),
+    # -- added later: new controls go here, so the API's positional order only grows at the end --
+    _p("preset", "Preset", "choice", PRESET_DEFAULT, "general", "preset",
+       "What ticking only the header switch does: the preset's methods, its values on top. "
+       "Ticking any method yourself means Custom: exactly what you ticked.",
+       choices=PRESET_NAMES, xyz=True, advanced=False),
 ]
 # fmt: on
 
@@ -508,6 +548,30 @@ def defaults() -> Settings:
     return Settings({p.key: p.default for p in PARAMS})
 
 
+def preset_values(name: str, is_sdxl: bool) -> dict[str, Any]:
+    """The values preset `name` sets, for an SDXL model or another."""
+    preset = PRESETS[name]
+    return {**preset.get("all", {}), **(preset.get("sdxl", {}) if is_sdxl else {})}
+
+
+def preset_methods(name: str) -> tuple[str, ...]:
+    """The methods (METHOD_SWITCHES keys) preset `name` turns on, the same for every model."""
+    values = preset_values(name, is_sdxl=False)
+    return tuple(method for method, switch in METHOD_SWITCHES.items() if values.get(switch))
+
+
+def resolve_preset(settings: Settings, is_sdxl: bool) -> Settings:
+    """The settings a generation runs with. Header switch on and no method switch: the preset's
+    values on top. A method switch on, or Custom: the settings exactly as given, marked Custom
+    (the preset did nothing, so the infotext must not name it)."""
+    if not settings.enable:
+        return settings
+    ticked = any(getattr(settings, switch) for switch in METHOD_SWITCHES.values())
+    if ticked or settings.preset == PRESET_CUSTOM:
+        return settings.replace(preset=PRESET_CUSTOM)
+    return settings.replace(**preset_values(settings.preset, is_sdxl))
+
+
 def build_settings(values: Mapping[str, Any]) -> Settings:
     """Validate named values (missing ones take their default). Raises InvalidSettings."""
     problems = []
@@ -532,15 +596,17 @@ def build_settings(values: Mapping[str, Any]) -> Settings:
     return Settings(result)
 
 
-def settings_from_args(args: Sequence[Any]) -> Settings:
+def settings_from_args(args: Sequence[Any], fallback: Mapping[str, Any] | None = None) -> Settings:
     """The script's arguments: positional in `PARAMS` order, or a dict of named keys in the first
     position. The WebUI's API fills every position it was not given with the UI default, so the
-    dict form arrives followed by defaults, which are ignored."""
+    dict form arrives followed by defaults, which are ignored. `fallback` holds values for keys
+    the request leaves out (the host's default preset), before the params' own defaults."""
+    fallback = dict(fallback or {})
     if args and isinstance(args[0], Mapping):
-        return build_settings(args[0])
+        return build_settings({**fallback, **args[0]})
     if len(args) > len(PARAMS):
         raise InvalidSettings([f"{len(args)} arguments given, at most {len(PARAMS)} are expected"])
-    return build_settings({param.key: value for param, value in zip(PARAMS, args, strict=False)})
+    return build_settings({**fallback, **{param.key: value for param, value in zip(PARAMS, args, strict=False)}})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -562,14 +628,16 @@ def ui_value(param: Param, value: Any) -> Any:
 
 def infotext_fields(settings: Settings) -> dict[str, str]:
     """Infotext entries: the master switch plus every non-default value of the general section
-    and of the enabled methods. Nothing at all when the extension is off."""
+    and of the enabled methods, and the preset when it was applied (`resolve_preset` marks the
+    others Custom). Nothing at all when the extension is off."""
     if not settings.enable:
         return {}
     fields = {BY_KEY["enable"].infotext_key: "True"}
     for param in PARAMS:
         value = getattr(settings, param.key)
         relevant = param.section == "general" or settings.method_enabled(param.section)
-        if param.key != "enable" and relevant and value != param.default:
+        changed = value != PRESET_CUSTOM if param.key == "preset" else value != param.default
+        if param.key != "enable" and relevant and changed:
             fields[param.infotext_key] = _format_value(param, value)
     return fields
 
@@ -577,7 +645,8 @@ def infotext_fields(settings: Settings) -> dict[str, str]:
 def values_from_infotext(fields: Mapping[str, Any]) -> dict[str, Any]:
     """Control values for a pasted infotext. When the infotext carries the master switch every
     control is restored (missing keys take their default, as they were not written); otherwise
-    nothing is changed. Values are validated; a bad one keeps its default."""
+    nothing is changed. Values are validated; a bad one keeps its default. A run whose methods a
+    preset chose comes back as that preset with no method ticked, as it was set up."""
     if BY_KEY["enable"].infotext_key not in fields:
         return {}
     values = {}
@@ -587,6 +656,9 @@ def values_from_infotext(fields: Mapping[str, Any]) -> dict[str, Any]:
             values[param.key] = coerce(param, raw)
         except ValueError:
             values[param.key] = param.default
+    if BY_KEY["preset"].infotext_key in fields and values["preset"] != PRESET_CUSTOM:
+        # the preset chose the methods (none was ticked): untick them so that it chooses again
+        values.update(dict.fromkeys(METHOD_SWITCHES.values(), False))
     return values
 
 

@@ -14,6 +14,7 @@ from modules import script_callbacks, scripts
 
 EXTENSION_ROOT = Path(__file__).resolve().parent.parent
 _OWN_PACKAGE_ALIAS = "semantic_fidelity_guidance"
+NO_METHOD_NOTE = "no method on (preset Custom and no method ticked) - the image is the WebUI's own."
 
 
 def _load_guidance():
@@ -55,6 +56,7 @@ script_callbacks.on_app_started(_api.add_routes)
 # at import for --nowebui (the API builds its UI before on_before_ui), and again before the UI
 _xyz.register_axes()
 script_callbacks.on_before_ui(_xyz.register_axes)
+script_callbacks.on_ui_settings(_ui.add_settings)
 
 
 class SemanticFidelityScript(scripts.Script):
@@ -81,10 +83,11 @@ class SemanticFidelityScript(scripts.Script):
         for key in [k for k in p.extra_generation_params if k.startswith(params.INFOTEXT_PREFIX)]:
             del p.extra_generation_params[key]
         try:
-            settings = params.settings_from_args(args)
+            settings = params.settings_from_args(args, fallback={"preset": _ui.default_preset()})
             overrides = _xyz.overrides_of(p)
             if overrides:
                 settings = settings.replace(**overrides)
+            settings = params.resolve_preset(settings, is_sdxl=_is_sdxl(p))
         except params.InvalidSettings as error:
             _common.attach_state(p, None)
             if _switched_on(p, args):
@@ -94,6 +97,8 @@ class SemanticFidelityScript(scripts.Script):
         _common.attach_state(p, settings if acting else None)
         if acting:
             p.extra_generation_params.update(params.infotext_fields(settings))
+        elif settings.enable:
+            _common.report(p, NO_METHOD_NOTE)
 
     def process_before_every_sampling(self, p, *args, **kwargs):
         state = _common.state_of(p)
@@ -110,6 +115,11 @@ class SemanticFidelityScript(scripts.Script):
 
     def postprocess(self, p, processed, *args):
         ADAPTER.finish(p)
+
+
+def _is_sdxl(p) -> bool:
+    """Whether the model being sampled is SDXL (both hosts set `is_sdxl`; a missing model is not)."""
+    return bool(getattr(getattr(p, "sd_model", None), "is_sdxl", False))
 
 
 def _switched_on(p, args) -> bool:

@@ -48,10 +48,17 @@ def test_disabled_is_bit_identical_to_the_host_without_the_extension(host, field
         _assert_clean(host, processed)
 
 
-def test_enabled_without_methods_changes_nothing(host):
+def test_header_switch_alone_runs_the_preset_and_custom_alone_runs_nothing(host, capsys):
     baseline = host.generate(extension=False, prompt=PROMPT, **SIZE)
-    processed = host.generate(args=host.args(enable=True), prompt=PROMPT, **SIZE)
+    processed = host.generate(args=host.args(enable=True, preset="Custom"), prompt=PROMPT, **SIZE)
     assert torch.equal(_images(processed), _images(baseline))
+    assert "Semantic Fidelity note: no method on" in processed.infotexts[0]
+    assert capsys.readouterr().err.count("Semantic Fidelity: no method on") == 1
+    processed = host.generate(args=host.args(enable=True), prompt=PROMPT, **SIZE)  # the default preset
+    assert (_images(processed) - _images(baseline)).abs().max() > 1e-3
+    for key in ("preset: Balanced", "concept steering: True", "S-CFG: True", "detected concepts"):
+        assert f"Semantic Fidelity {key}" in processed.infotexts[0]
+    _assert_clean(host, processed)
 
 
 @pytest.mark.parametrize(

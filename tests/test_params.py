@@ -14,6 +14,7 @@ from guidance.params import (
     format_edits_text,
     infotext_fields,
     parse_edits_text,
+    resolve_preset,
     settings_from_args,
     values_from_infotext,
 )
@@ -95,9 +96,9 @@ def test_strings_from_infotext_and_xyz_are_coerced():
     "values, expected",
     [
         ({"concept_scale": 99}, "Concept steering › Concept scale: 99 is above the maximum 30"),
-        ({"concept_window": 2.5}, "Concept steering › Window: expected a whole number, got 2.5"),
-        ({"scfg_rate_min": "abc"}, "S-CFG region scales › Minimum rate: expected a number, got 'abc'"),
-        ({"sega_momentum": float("nan")}, "SEGA edits › Momentum: expected a finite number"),
+        ({"concept_window": 2.5}, "Concept steering › Concept window: expected a whole number, got 2.5"),
+        ({"scfg_rate_min": "abc"}, "S-CFG region scales › S-CFG minimum rate: expected a number, got 'abc'"),
+        ({"sega_momentum": float("nan")}, "SEGA edits › Edit momentum: expected a finite number"),
         ({"enable": "maybe"}, "Semantic Fidelity: Enable Semantic Fidelity: expected true or false, got 'maybe'"),
         ({"concept_scal": 3}, "unknown setting 'concept_scal' (did you mean 'concept_scale'?)"),
         ({"sega_edits": [{"prompt": "  "}]}, "SEGA edits › Edits: edit 1: the prompt is empty"),
@@ -107,6 +108,7 @@ def test_strings_from_infotext_and_xyz_are_coerced():
         ({"concepts": "x" * 1000}, "Concept steering › Concepts: 1000 characters given, at most 400"),
         ({"concepts": "a;b;c;d;e;f;g;h;i"}, "9 phrases given, at most 8"),
         ({"regulation_layers": "middle"}, "'middle' is not one of: last down + first up"),
+        ({"preset": "Maximum"}, "Preset: 'Maximum' is not one of: Light, Balanced, Strong, Custom"),
         ({"scfg_rate_min": 4, "scfg_rate_max": 2}, "S-CFG: minimum rate must not exceed maximum rate"),
         ({"scfg_mask_factor": 3}, "S-CFG: mask resolution factor R must be 1, 2, 4 or 8"),
         ({"concept_warmup": 0.5, "concept_cooldown": 0.5}, "cool-down must be later than warm-up"),
@@ -159,7 +161,7 @@ def test_infotext_round_trip_restores_every_control():
             "apply_hires": False,
         }
     )
-    fields = infotext_fields(s)
+    fields = infotext_fields(resolve_preset(s, is_sdxl=False))  # methods ticked: the preset did nothing
     assert fields == {
         "Semantic Fidelity": "True",
         "Semantic Fidelity hires": "False",
@@ -185,3 +187,135 @@ def test_api_schema_lists_every_param():
     scale = next(p for p in schema["params"] if p["key"] == "concept_scale")
     assert (scale["default"], scale["min"], scale["max"]) == (8.5, 0.0, 30.0)
     assert [f["key"] for f in schema["edit_fields"]] == list(params.EDIT_KEYS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets, labels, the positional order
+
+# The positional order of the API before presets existed: it may only grow at the end.
+POSITIONS_BEFORE_PRESETS = [
+    "enable",
+    "apply_hires",
+    "concepts_enable",
+    "concepts",
+    "concept_scale",
+    "concept_subject_threshold",
+    "concept_abstract_threshold",
+    "concept_auto_threshold",
+    "concept_abstract",
+    "concept_percentile",
+    "concept_momentum",
+    "concept_momentum_beta",
+    "concept_warmup",
+    "concept_cooldown",
+    "concept_window",
+    "sega_enable",
+    "sega_edits",
+    "sega_momentum",
+    "sega_momentum_beta",
+    "scfg_enable",
+    "scfg_rate_min",
+    "scfg_rate_max",
+    "scfg_rate_cap",
+    "scfg_mask_factor",
+    "scfg_start",
+    "scfg_end",
+    "regulation_enable",
+    "regulation_targets",
+    "regulation_layers",
+    "regulation_end",
+    "regulation_iterations",
+    "regulation_step_size",
+    "regulation_previous_weight",
+    "regulation_decay",
+]
+
+
+def test_positional_order_only_grows_at_the_end():
+    assert [p.key for p in PARAMS[: len(POSITIONS_BEFORE_PRESETS)]] == POSITIONS_BEFORE_PRESETS
+    assert [p.key for p in PARAMS[len(POSITIONS_BEFORE_PRESETS) :]] == ["preset"]
+
+
+def test_labels_are_unique_and_say_which_method():
+    labels = [p.label for p in PARAMS]
+    assert len(labels) == len(set(labels))  # one ui-config.json entry each
+    assert BY_KEY["concept_momentum"].label == "Concept momentum"
+    assert BY_KEY["sega_momentum"].label == "Edit momentum"
+    assert (BY_KEY["scfg_end"].label, BY_KEY["regulation_end"].label) == ("S-CFG end", "Regulation end")
+
+
+@pytest.mark.parametrize(
+    "preset, is_sdxl, methods, changed",
+    [
+        ("Light", False, ("scfg",), {}),
+        ("Light", True, ("scfg",), {}),
+        ("Balanced", False, ("concepts", "scfg"), {}),
+        ("Balanced", True, ("concepts", "scfg"), {}),
+        ("Strong", False, ("concepts", "scfg", "regulation"), {}),
+        (
+            "Strong",
+            True,
+            ("concepts", "scfg", "regulation"),
+            {"regulation_layers": "last down", "regulation_iterations": 10},
+        ),
+    ],
+)
+def test_the_header_switch_alone_runs_the_preset(preset, is_sdxl, methods, changed):
+    given = build_settings({"enable": True, "preset": preset, "concept_scale": 6.0})
+    resolved = resolve_preset(given, is_sdxl)
+    assert resolved.active_methods == methods
+    switches = {params.METHOD_SWITCHES[m]: True for m in methods}
+    assert resolved == given.replace(**switches, **changed)  # the user's strength stays
+    assert resolve_preset(resolved, is_sdxl) == resolved.replace(preset="Custom")
+    fields = infotext_fields(resolved)
+    assert fields["Semantic Fidelity preset"] == preset
+    if "concepts" in methods:
+        assert fields["Semantic Fidelity concept scale"] == "6"
+    else:  # a method that did not run writes nothing
+        assert "Semantic Fidelity concept scale" not in fields
+    # the paste restores the preset with no method ticked, as it was set up: the same run again
+    pasted = build_settings(values_from_infotext(fields))
+    assert pasted.preset == preset and pasted.active_methods == ()
+    assert infotext_fields(resolve_preset(pasted, is_sdxl)) == fields
+
+
+def test_presets_only_touch_switches_and_advanced_controls():
+    assert params.PRESET_NAMES == ("Light", "Balanced", "Strong", "Custom")
+    assert BY_KEY["preset"].default == params.PRESET_DEFAULT == "Balanced"
+    for name in params.PRESET_NAMES:
+        for is_sdxl in (False, True):
+            values = params.preset_values(name, is_sdxl)
+            build_settings(values)  # valid
+            for key in values:
+                assert key in params.METHOD_SWITCHES.values() or BY_KEY[key].advanced, (name, key)
+    assert params.preset_methods("Strong") == ("concepts", "scfg", "regulation")
+    assert params.preset_methods("Custom") == ()
+
+
+def test_explicit_method_switches_get_exactly_what_they_send():
+    sent = {"enable": True, "sega_enable": True, "sega_edits": "+ sunglasses : 6"}
+    for preset in params.PRESET_NAMES:
+        resolved = resolve_preset(settings_from_args([{**sent, "preset": preset}]), is_sdxl=True)
+        assert resolved.active_methods == ("sega",)
+        assert resolved == build_settings(sent).replace(preset="Custom")
+        assert "Semantic Fidelity preset" not in infotext_fields(resolved)  # it did nothing
+    # the positional form of before presets (34 values) keeps working, the preset taking its default
+    old = [p.default for p in PARAMS[:34]]
+    old[0], old[BY_KEY["scfg_enable"].position] = True, True
+    assert resolve_preset(settings_from_args(old), False).active_methods == ("scfg",)
+    assert settings_from_args(old).preset == "Balanced"
+
+
+def test_custom_with_nothing_ticked_runs_nothing_and_off_stays_off():
+    assert resolve_preset(build_settings({"enable": True, "preset": "Custom"}), False).active_methods == ()
+    off = build_settings({"preset": "Strong"})
+    assert resolve_preset(off, True) == off and infotext_fields(resolve_preset(off, True)) == {}
+
+
+def test_the_hosts_default_preset_fills_in_where_the_request_names_none():
+    light = {"preset": "Light"}
+    assert settings_from_args([{"enable": True}], fallback=light).preset == "Light"
+    assert settings_from_args([{"enable": True, "preset": "Strong"}], fallback=light).preset == "Strong"
+    assert settings_from_args([True], fallback=light).preset == "Light"
+    full = [p.default for p in PARAMS]
+    assert settings_from_args(full, fallback=light).preset == "Balanced"  # a full positional list names one

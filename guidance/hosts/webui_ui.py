@@ -1,9 +1,14 @@
 """The accordion UI, built from params.py for both hosts (gradio 3.41 in A1111, Forge's gradio 4).
 
 `build_ui` returns one component per Param in PARAMS order: that order is the script's positional
-argument order for the API. Everything else built here (the Detect button, the SEGA edit slots, a
-hidden echo box) is UI-only and never returned. gradio is imported here only, so the sampling side
-loads without it.
+argument order for the API. Everything else built here (the header's preset summary, the Detect
+button, the SEGA edit slots, a hidden echo box) is UI-only and never returned. gradio is imported
+here only, so the sampling side loads without it.
+
+Progressive disclosure comes from `Param.advanced`: per section one row with the switch and the
+main controls, then a closed "Advanced" fold with the rest. The header's summary says what the
+header switch does (the preset, or Custom with the ticked methods) and follows the preset and the
+method switches. The settings page adds the default preset.
 
 SEGA edit slots and the edits text box edit the same thing, the text box being the value that
 counts. The events are chosen so that they cannot feed each other forever:
@@ -16,6 +21,7 @@ fields whose value differs, so a field being typed in is left alone.
 
 from __future__ import annotations
 
+import html
 import inspect
 import re
 from collections.abc import Sequence
@@ -31,9 +37,6 @@ _PLACEHOLDERS = {
     "concepts": "detected from the prompt",
     "regulation_targets": "default: the concepts",
     "sega_edits": "+ sunglasses : 5\n- blurry : 4",
-}
-_DUPLICATE_LABELS = {
-    label for label in (p.label for p in params.PARAMS) if [q.label for q in params.PARAMS].count(label) > 1
 }
 DETECT_TOOLTIP = "Fill the concepts with the noun phrases of this tab's prompt (needs spaCy's English pipeline)."
 
@@ -186,6 +189,82 @@ def prompt_component(script, is_img2img: bool):
 
 
 # ---------------------------------------------------------------------------------------------
+# Presets: the header's summary and the settings page
+
+DEFAULT_PRESET_OPTION = "semantic_fidelity_default_preset"
+SAVE_DIAGNOSTICS_OPTION = "semantic_fidelity_save_diagnostics"
+SETTINGS_SECTION = ("semantic_fidelity", "Semantic Fidelity")
+_SWITCH_KEYS = tuple(params.METHOD_SWITCHES.values())
+_SHORT_NAMES = {"concepts": "concept steering", "sega": "SEGA edits", "scfg": "S-CFG", "regulation": "regulation"}
+
+
+def preset_summary(preset: str, *switches: bool) -> str:
+    """What the header switch does with this preset and these method switches (METHOD_SWITCHES order),
+    in a few words for the accordion's header."""
+    ticked = [method for method, on in zip(params.METHOD_SWITCHES, switches, strict=True) if on]
+    if ticked:
+        return "Custom: " + ", ".join(_SHORT_NAMES[m] for m in ticked)
+    if preset not in params.PRESETS or preset == params.PRESET_CUSTOM:
+        return "Custom: no method ticked"
+    return f"{preset}: " + ", ".join(_SHORT_NAMES[m] for m in params.preset_methods(preset))
+
+
+def default_preset() -> str:
+    """The preset chosen on the host's settings page; the params' default without a host or setting."""
+    try:
+        from modules import shared
+    except ImportError:
+        return params.PRESET_DEFAULT
+    chosen = getattr(getattr(shared, "opts", None), DEFAULT_PRESET_OPTION, None)
+    return chosen if chosen in params.PRESET_NAMES else params.PRESET_DEFAULT
+
+
+def add_settings() -> None:
+    """The settings page's entries (`on_ui_settings`): the preset new tabs and API requests start with,
+    and whether diagnostics images are saved (off)."""
+    import gradio as gr
+    from modules import shared
+
+    info = shared.OptionInfo(
+        params.PRESET_DEFAULT,
+        "Default preset (what the header switch alone does)",
+        gr.Dropdown,
+        {"choices": list(params.PRESET_NAMES)},
+        section=SETTINGS_SECTION,
+    )
+    info = info.info("used by new pages after Reload UI, and by API requests that name none")
+    shared.opts.add_option(DEFAULT_PRESET_OPTION, info)
+    label = "Save diagnostics images (concept similarities over the steps)"
+    diagnostics = shared.OptionInfo(False, label, gr.Checkbox, {}, section=SETTINGS_SECTION)
+    diagnostics = diagnostics.info("for the diagnostics feature: guidance/diagnostics.py draws them; not recorded yet")
+    shared.opts.add_option(SAVE_DIAGNOSTICS_OPTION, diagnostics)
+
+
+def _summary_box(script):
+    import gradio as gr
+
+    switches = [params.BY_KEY[key].default for key in _SWITCH_KEYS]
+    box = gr.HTML(
+        value=_summary_html(default_preset(), *switches),
+        elem_id=script.elem_id("preset_summary"),
+        elem_classes=["sf-summary"],
+    )
+    box.do_not_save_to_config = True
+    return box
+
+
+def _summary_html(preset: str, *switches: bool) -> str:
+    return f"<span class='sf-summary-text'>{html.escape(preset_summary(preset, *switches))}</span>"
+
+
+def _show_summary(components: dict, summary) -> None:
+    """The header's summary follows the preset and the method switches (nothing listens to it)."""
+    inputs = [components["preset"], *(components[key] for key in _SWITCH_KEYS)]
+    for component in inputs:
+        _listen(component, "change", _summary_html, inputs, [summary])
+
+
+# ---------------------------------------------------------------------------------------------
 # Building
 
 
@@ -194,7 +273,7 @@ def _component(param: params.Param, elem_id: str):
     import gradio as gr
 
     common = dict(label=param.label, elem_id=elem_id, elem_classes=["sf-control", f"sf-{param.section}"])
-    value = _ui_value(param, param.default)
+    value = default_preset() if param.key == "preset" else _ui_value(param, param.default)
     if param.kind == "bool":
         component = gr.Checkbox(value=value, **common)
     elif param.kind in ("int", "float"):
@@ -202,12 +281,11 @@ def _component(param: params.Param, elem_id: str):
     elif param.kind == "choice":
         component = gr.Dropdown(choices=list(param.choices), value=value, **common)
     elif param.kind == "edits":
-        component = gr.Textbox(value=value, lines=3, max_lines=12, placeholder=_PLACEHOLDERS[param.key], **common)
+        component = gr.Textbox(value=value, lines=2, max_lines=12, placeholder=_PLACEHOLDERS[param.key], **common)
     else:
         component = gr.Textbox(value=value, lines=1, placeholder=_PLACEHOLDERS.get(param.key, ""), **common)
-    if param.label in _DUPLICATE_LABELS:
-        # the host saves UI defaults per label (ui-config.json): a repeated label would share one entry
-        component.do_not_save_to_config = True
+    if param.key == "preset":
+        component.do_not_save_to_config = True  # its default is the settings page's, one place
     return component
 
 
@@ -312,10 +390,16 @@ def build_ui(script, is_img2img: bool) -> list:
     with accordion:
         if InputAccordion is None:
             components["enable"] = _component(enable, script.elem_id("enable"))
+            summary = _summary_box(script)
+        else:
+            with accordion.extra():  # the header says what switching on does, also while closed
+                summary = _summary_box(script)
         for section in params.SECTIONS:
             section_params = [p for p in params.PARAMS if p.section == section and p.key != "enable"]
             with gr.Group(elem_id=script.elem_id(f"section_{section}"), elem_classes=["sf-section"]):
                 _build_section(script, is_img2img, section, section_params, components)
+    _show_summary(components, summary)
+    components["_summary"] = summary
     ordered = [components[p.key] for p in params.PARAMS]
     for param, component in zip(params.PARAMS, ordered, strict=True):
         # the hosts put `webui_tooltip` into the component config and show it as the title
@@ -324,36 +408,49 @@ def build_ui(script, is_img2img: bool) -> list:
 
 
 def _build_section(script, is_img2img: bool, section: str, section_params: Sequence, components: dict) -> None:
+    """A section: its switch and main controls at first sight, everything else in a closed fold."""
     import gradio as gr
 
-    switch = params.METHOD_SWITCHES.get(section)
-    texts = [p for p in section_params if p.kind in ("str", "edits")]
-    others = [p for p in section_params if p not in texts and p.key != switch]
-    if switch:
-        components[switch] = _component(params.BY_KEY[switch], script.elem_id(switch))
-    for param in texts:
-        if param.key == "concepts":
-            with gr.Row(elem_classes=["sf-concepts-row"]):
-                box = _component(param, script.elem_id(param.key))
-                button = gr.Button("Detect", elem_id=script.elem_id("detect"), elem_classes=["sf-detect"], size="sm")
-                button.webui_tooltip = DETECT_TOOLTIP
-            components[param.key] = box
-            prompt = prompt_component(script, is_img2img)
-            if prompt is None:  # no prompt box to read from in this host
-                button.visible = False
-            else:
-                button.click(
-                    detect_concepts, inputs=[prompt, box], outputs=[box], show_progress="hidden", api_name=False
-                )
-            components["_detect"] = button
-        else:
+    main = [p for p in section_params if not p.advanced]
+    advanced = [p for p in section_params if p.advanced]
+    with gr.Row(elem_classes=["sf-main-row", f"sf-main-{section}"]):
+        for param in sorted((p for p in main if p.key != "concepts"), key=_main_order):
             components[param.key] = _component(param, script.elem_id(param.key))
-        if param.kind == "edits":
-            _edit_slots(script, components[param.key], components)
-    if others:
+    if params.BY_KEY["concepts"] in main:
+        _concepts_row(script, is_img2img, components)
+    if not advanced:
+        return
+    fold_id = script.elem_id(f"advanced_{section}")
+    with gr.Accordion("Advanced", open=False, elem_id=fold_id, elem_classes=["sf-advanced"]):
+        if section == "sega":
+            _edit_slots(script, components["sega_edits"], components)
         with gr.Row(elem_classes=["sf-controls"]):
-            for param in others:
+            for param in advanced:
                 components[param.key] = _component(param, script.elem_id(param.key))
+
+
+def _main_order(param: params.Param) -> tuple:
+    """A row's order: the switch or the preset first, text boxes last (they take the rest of the row)."""
+    first = param.key in params.METHOD_SWITCHES.values() or param.key == "preset"
+    return (not first, param.kind in ("str", "edits"), param.position)
+
+
+def _concepts_row(script, is_img2img: bool, components: dict) -> None:
+    """The concepts box with its Detect button, which reads the tab's prompt."""
+    import gradio as gr
+
+    param = params.BY_KEY["concepts"]
+    with gr.Row(elem_classes=["sf-concepts-row"]):
+        box = _component(param, script.elem_id(param.key))
+        button = gr.Button("Detect", elem_id=script.elem_id("detect"), elem_classes=["sf-detect"], size="sm")
+        button.webui_tooltip = DETECT_TOOLTIP
+    components[param.key] = box
+    prompt = prompt_component(script, is_img2img)
+    if prompt is None:  # no prompt box to read from in this host
+        button.visible = False
+    else:
+        button.click(detect_concepts, inputs=[prompt, box], outputs=[box], show_progress="hidden", api_name=False)
+    components["_detect"] = button
 
 
 # ---------------------------------------------------------------------------------------------

@@ -227,6 +227,7 @@ class PersonPath:
             return f"Detect filled {detected!r}, expected {EXPECTED_CONCEPTS}"
 
         page.locator(f"#{control_id(tab, 'sega_enable')} input[type=checkbox]").check()
+        page.locator(f"#{control_id(tab, 'advanced_sega')} .label-wrap").first.click()  # the slots are folded
         self._text_box(tab, "edit1_prompt").fill(EDIT_PROMPT)
         page.wait_for_function(
             "([id, word]) => { const b = document.querySelector('#' + id); const t = b && b.querySelector('textarea');"

@@ -10,6 +10,7 @@ import importlib.util
 
 import gradio as gr
 import pytest
+import torch
 from gradio.layouts import Form
 
 from tests.a1111_host import SCRIPT, a1111_modules
@@ -99,7 +100,7 @@ def test_one_component_per_param_in_order(tabs, params):
     from modules.ui_components import InputAccordion
 
     for tab in tabs.values():
-        assert len(tab.components) == len(params.PARAMS) == 34
+        assert len(tab.components) == len(params.PARAMS) == 35
         for index, (param, component) in enumerate(zip(params.PARAMS, tab.components, strict=True)):
             assert param.position == index
             if param.key == "enable":
@@ -138,11 +139,15 @@ def test_concrete_controls(tab, params):
     assert by_key["apply_hires"].label == "Apply in the hires-fix pass" and by_key["apply_hires"].value is True
     assert by_key["regulation_targets"].placeholder == "default: the concepts"
     assert by_key["concepts"].placeholder == "detected from the prompt"
-    assert by_key["sega_edits"].lines == 3
-    # repeated labels ("Momentum", "Warm-up", ...) would share one ui-config.json entry
-    assert by_key["concept_momentum"].do_not_save_to_config is True
-    assert by_key["sega_momentum"].do_not_save_to_config is True
-    assert not getattr(by_key["concept_scale"], "do_not_save_to_config", False)
+    assert by_key["sega_edits"].lines == 2
+    assert by_key["preset"].choices == ["Light", "Balanced", "Strong", "Custom"]
+    # every label is distinct, so each control has its own ui-config.json entry; the preset's default is
+    # the settings page's, so it stays out of ui-config.json
+    labels = [c.label for c in tab.components[1:]]
+    assert len(labels) == len(set(labels))
+    pairs = zip(params.PARAMS, tab.components, strict=True)
+    unsaved = [p.key for p, c in pairs if getattr(c, "do_not_save_to_config", False)]
+    assert unsaved == ["preset"]
 
 
 def test_tooltips(tabs, params, ui):
@@ -183,17 +188,39 @@ def _children(block) -> list:
     return found
 
 
-def test_layout_sections_switch_first(tab, params, ui):
+def test_layout_main_controls_visible_the_rest_in_closed_folds(tab, params, ui):
     accordion = tab.components[0].accordion
     groups = [child for child in accordion.children if isinstance(child, gr.Group)]
     assert [g.elem_id for g in groups] == [tab.script.elem_id(f"section_{s}") for s in params.SECTIONS]
-    for group, section in zip(groups[1:], list(params.SECTIONS)[1:], strict=True):
-        first = _children(group)[0]
-        assert first is tab.components[params.BY_KEY[params.METHOD_SWITCHES[section]].position]
-    assert _children(_children(groups[0])[0]) == [tab.components[params.BY_KEY["apply_hires"].position]]
+    by_key = dict(zip((p.key for p in params.PARAMS), tab.components, strict=True))
+    main_rows = {
+        "general": ["preset", "apply_hires"],
+        "concepts": ["concepts_enable", "concept_scale"],
+        "sega": ["sega_enable", "sega_edits"],
+        "scfg": ["scfg_enable", "scfg_rate_max"],
+        "regulation": ["regulation_enable", "regulation_targets"],
+    }
+    for group, section in zip(groups, params.SECTIONS, strict=True):
+        children = _children(group)
+        assert _children(children[0]) == [by_key[key] for key in main_rows[section]], section
+        folds = [c for c in children if isinstance(c, gr.Accordion)]
+        advanced = [p for p in params.PARAMS if p.section == section and p.advanced]
+        if not advanced:
+            assert not folds
+            continue
+        (fold,) = folds
+        assert fold is children[-1] and fold.open is False and fold.label == "Advanced"
+        assert fold.elem_id == tab.script.elem_id(f"advanced_{section}")
+        inside = _all_blocks(fold)
+        assert all(by_key[p.key] in inside for p in advanced)
+        assert not [key for key in main_rows[section] if by_key[key] in inside]
+    # the concepts box with Detect right below the concept switch, visible
     concepts_row = _children(groups[1])[1]
-    assert _children(concepts_row) == [tab.components[3], tab.by_id("detect")]
+    assert _children(concepts_row) == [by_key["concepts"], tab.by_id("detect")]
+    # SEGA: the text form visible, the slots only in its Advanced fold (one place at first sight)
     slots = tab.slots(ui)
+    sega_fold = _children(groups[2])[-1]
+    assert all(field in _all_blocks(sega_fold) for slot in slots for field in slot)
     assert len(slots) == 4 and all(len(slot) == 7 for slot in slots)
     assert [s.label for s in slots[0]] == [
         "Edit 1",
@@ -208,6 +235,38 @@ def test_layout_sections_switch_first(tab, params, ui):
     assert (scale.minimum, scale.maximum, scale.step, scale.value) == (0.0, 50.0, 0.5, 5.0)
     assert slots[3][1].choices == [("+", "+"), ("\u2212", "\u2212")] and slots[3][1].value == "+"
     assert all(field.do_not_save_to_config for slot in slots for field in slot)
+
+
+def test_at_first_sight_a_few_controls(tab, params):
+    """Progressive disclosure by numbers: what an opened accordion shows before any fold is opened."""
+    accordion = tab.components[0].accordion
+    visible = [b for b in _all_blocks(accordion, into_closed=False) if isinstance(b, gr.components.IOComponent)]
+    shown = [b.label for b in visible if b.visible and not isinstance(b, (gr.HTML, gr.Button))]
+    assert shown == [
+        "Preset",
+        "Apply in the hires-fix pass",
+        "Concept steering",
+        "Concept scale",
+        "Concepts",
+        "SEGA edits",
+        "Edits",
+        "S-CFG region scales",
+        "S-CFG maximum rate",
+        "Attention regulation",
+        "Target words",
+    ]
+    folded = [b for b in _all_blocks(accordion) if isinstance(b, gr.components.IOComponent) and b not in visible]
+    assert len(folded) == 23 + 4 * 7 + 1  # the 23 other params, the four edit slots, the hidden echo
+
+
+def _all_blocks(block, into_closed: bool = True) -> list:
+    """Every block below `block`; with into_closed=False, none inside a closed Accordion."""
+    found = []
+    for child in getattr(block, "children", []):
+        found.append(child)
+        if into_closed or not (isinstance(child, gr.Accordion) and not child.open):
+            found += _all_blocks(child, into_closed)
+    return found
 
 
 def test_ui_without_prompt_box_hides_detect(script_module, params):
@@ -242,9 +301,9 @@ def _non_default_values(params) -> dict:
 
 def test_paste_restores_every_control(tabs, params):
     values = _non_default_values(params)
-    settings = params.build_settings(values)
+    settings = params.resolve_preset(params.build_settings(values), is_sdxl=False)  # methods ticked: Custom
     written = params.infotext_fields(settings)
-    assert len(written) == len(params.PARAMS)  # every control is non-default
+    assert len(written) == len(params.PARAMS) - 1  # every control is non-default; the preset did nothing
     # what parse_generation_parameters hands over: strings, among the host's own keys
     pasted = {"Steps": "20", "Sampler": "Euler a", **{k: str(v) for k, v in written.items()}}
     for tab in tabs.values():
@@ -252,7 +311,7 @@ def test_paste_restores_every_control(tabs, params):
         restored = {}
         for param, component in zip(params.PARAMS, tab.components, strict=True):
             restored[param.key] = readers[component](pasted)
-        assert params.build_settings(restored) == settings
+        assert params.build_settings(restored) == settings.replace(preset="Balanced")  # and runs as Custom
         assert restored["sega_edits"] == "+ sunglasses : 6 : 0.95\n- blurry : 4"
         assert restored["concept_scale"] == 9.0 and restored["scfg_mask_factor"] == 8
         assert restored["enable"] is True and restored["apply_hires"] is False
@@ -477,3 +536,82 @@ def test_text_edits_refresh_the_slots(tab, params, ui):
     assert sim.slot(slots[1])[:3] == ["rain", "\u2212", 4.0]  # an invalid line leaves its slot alone
     sim.user(slots[0][2], 8.0)
     assert sim.values[edits._id] == "+ sunglasses : 8\n+ half typed : 5 : 7"
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets: the header's summary, the settings page, the paste
+
+
+def test_the_header_says_what_switching_on_does(tab, params, ui):
+    by_key = dict(zip((p.key for p in params.PARAMS), tab.components, strict=True))
+    summary = tab.by_id("preset_summary")
+    assert tab.components[0].accordion_id + "-extra" in [
+        getattr(b, "elem_id", None) for b in _all_blocks(tab.components[0].accordion, into_closed=False)
+    ]
+    assert summary.value == "<span class='sf-summary-text'>Balanced: concept steering, S-CFG</span>"
+    switches = [by_key[key] for key in params.METHOD_SWITCHES.values()]
+    sim = Simulator(tab)
+    sim.user(by_key["preset"], "Strong", event="select")
+    assert sim.values[summary._id].endswith(">Strong: concept steering, S-CFG, regulation</span>")
+    sim.user(switches[1], True)  # SEGA ticked: the preset no longer applies
+    assert sim.values[summary._id].endswith(">Custom: SEGA edits</span>")
+    sim.user(switches[1], False)
+    sim.user(by_key["preset"], "Custom", event="select")
+    assert sim.values[summary._id].endswith(">Custom: no method ticked</span>")
+    for component in (by_key["preset"], *switches):  # light listeners, and nothing listens to the summary
+        ((_, dep),) = [(i, d) for i, d in tab.dependencies("change", component) if summary._id in d["outputs"]]
+        assert dep["queue"] is False and dep["api_name"] is False
+    assert not [d for d in tab.demo.dependencies if summary._id in d["targets"]]
+    assert ui.preset_summary("Light", False, False, False, True) == "Custom: regulation"
+    assert ui.preset_summary("no such preset", False, False, False, False) == "Custom: no method ticked"
+
+
+def test_pasting_a_preset_run_restores_the_preset_with_nothing_ticked(tab, params):
+    settings = params.resolve_preset(params.build_settings({"enable": True, "preset": "Strong"}), is_sdxl=True)
+    written = params.infotext_fields(settings)
+    assert written["Semantic Fidelity preset"] == "Strong"
+    assert written["Semantic Fidelity regulation layers"] == "last down"
+    readers = dict(tab.script.infotext_fields)
+    restored = {p.key: readers[c](written) for p, c in zip(params.PARAMS, tab.components, strict=True)}
+    assert restored["preset"] == "Strong" and restored["enable"] is True
+    assert [restored[key] for key in params.METHOD_SWITCHES.values()] == [False] * 4
+    assert (restored["regulation_layers"], restored["regulation_iterations"]) == ("last down", 10)
+
+
+def test_settings_page_default_preset_reaches_new_tabs_and_requests(script_module, params, ui):
+    from modules import processing, script_callbacks, sd_models, shared
+
+    try:
+        script_callbacks.ui_settings_callback()
+        info = shared.opts.data_labels[ui.DEFAULT_PRESET_OPTION]
+        assert (info.default, info.component, info.component_args) == (
+            "Balanced",
+            gr.Dropdown,
+            {"choices": ["Light", "Balanced", "Strong", "Custom"]},
+        )
+        assert info.section == ("semantic_fidelity", "Semantic Fidelity") and "API requests" in info.comment_after
+        diagnostics = shared.opts.data_labels[ui.SAVE_DIAGNOSTICS_OPTION]
+        assert (diagnostics.default, diagnostics.component, diagnostics.section) == (False, gr.Checkbox, info.section)
+        assert shared.opts.semantic_fidelity_save_diagnostics is False
+        assert ui.default_preset() == "Balanced"
+        shared.opts.data[ui.DEFAULT_PRESET_OPTION] = "Light"
+        tab = build_tabs(script_module)["txt2img"]
+        assert tab.components[params.BY_KEY["preset"].position].value == "Light"
+        assert tab.by_id("preset_summary").value.endswith(">Light: S-CFG</span>")
+
+        # an API request naming no preset gets the settings page's; the model family picks the variant
+        shared.sd_model = sd_models.StandInSdModel(torch.nn.Identity())  # never sampled here
+        p = processing.StableDiffusionProcessingTxt2Img(prompt=PROMPT_TEXT)
+        tab.script.process(p, {"enable": True})
+        assert p.extra_generation_params == {
+            "Semantic Fidelity": "True",
+            "Semantic Fidelity S-CFG": "True",
+            "Semantic Fidelity preset": "Light",
+        }
+        shared.sd_model.is_sdxl = True
+        tab.script.process(p, {"enable": True, "preset": "Strong"})
+        assert p.extra_generation_params["Semantic Fidelity regulation iterations"] == "10"
+        shared.opts.data[ui.DEFAULT_PRESET_OPTION] = "not a preset"  # a stale config.json entry
+        assert ui.default_preset() == "Balanced"
+    finally:
+        shared.reset()

@@ -7,7 +7,15 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
-_CATEGORIES = ("cfg_denoiser", "cfg_denoised", "cfg_after_cfg", "list_optimizers", "app_started", "before_ui")
+_CATEGORIES = (
+    "cfg_denoiser",
+    "cfg_denoised",
+    "cfg_after_cfg",
+    "list_optimizers",
+    "app_started",
+    "before_ui",
+    "ui_settings",
+)
 callbacks: dict[str, list] = {name: [] for name in _CATEGORIES}
 reported: list[str] = []
 
@@ -40,6 +48,10 @@ def on_app_started(callback, *, name=None):
 
 def on_before_ui(callback, *, name=None):
     callbacks["before_ui"].append(callback)
+
+
+def on_ui_settings(callback, *, name=None):
+    callbacks["ui_settings"].append(callback)
 
 
 def _call(category: str, *args) -> None:
@@ -101,3 +113,7 @@ def app_started_callback(demo, app) -> None:
 
 def before_ui_callback() -> None:
     _call("before_ui")
+
+
+def ui_settings_callback() -> None:
+    _call("ui_settings")
