@@ -5,10 +5,12 @@ transformer block whose downsampling factor r is in {R, 2R, …} (r ≤ 8): firs
 self-attention SA (rows, h·w, h·w), then its cross-attention CA (rows, h·w, T). Per block the
 smoothed token maps are (SA + 3·SA²)/4 · CA (the authors' power-series quirk), computed as
 (SA·CA + 3·SA·(SA·CA))/4 so that no h·w × h·w product is formed; SA is dropped as soon as the
-block's CA is seen. The cond rows give the 77 token maps, the uncond rows only the foreground pair
+block's CA is seen (an SA larger than the capture budget arrives as `HeadAveragedMaps` and is never
+formed at all). The cond rows give the 77 token maps, the uncond rows only the foreground pair
 [token 0, Σ other tokens] (the maps are linear in CA, so the pair is propagated instead of all
-token maps). Maps are upsampled to the R grid, smoothed, normalised and summed per image; `rate`
-turns them into the per-position CFG factor and drops them.
+token maps). As each block's CA arrives its maps are upsampled to the R grid, smoothed, normalised
+and added to the image's sum, so memory holds one block's maps at a time; `rate` turns the sums
+into the per-position CFG factor and drops them.
 
 Everything stays on the device; nothing in the per-step path reads a tensor value on the host.
 """
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +81,13 @@ def to_grid(maps: torch.Tensor, map_size: tuple[int, int], grid_size: tuple[int,
     return grid
 
 
+def normalize(maps: torch.Tensor, half: str) -> torch.Tensor:
+    """Each smoothed map (n, C, h, w) over its mean; the cond maps with +1e-8 (the authors')."""
+    if half == COND:
+        return maps / (maps.mean(dim=(2, 3), keepdim=True) + EPS)
+    return maps / maps.mean(dim=(2, 3), keepdim=True)
+
+
 def region_rate(
     token_maps: torch.Tensor,
     fore_maps: torch.Tensor,
@@ -119,21 +128,9 @@ def region_rate(
 
 
 @dataclass
-class _Pending:
-    """Propagated maps of one block of one UNet call, not yet smoothed."""
-
-    call: int
-    half: str
-    factor: int
-    maps: torch.Tensor  # (n, C, hm, wm) on the R grid
-    images: list[int]
-
-
-@dataclass
 class _Accumulator:
     total: torch.Tensor | None = None
     count: int = 0
-    pending: list = field(default_factory=list)
 
 
 class RegionScales:
@@ -159,12 +156,9 @@ class RegionScales:
         self.factors = tuple(2**e * mask_factor for e in range(4) if 2**e * mask_factor <= MAX_FACTOR)
         self.keep_intermediates = keep_intermediates
         self.intermediates: dict[int, dict[str, torch.Tensor]] = {}
-        self._call = 0
         self._step: int | None = None
         self._latent_size: tuple[int, int] | None = None
-        self._owner: dict[tuple[int, str], int] = {}
         self._acc: dict[tuple[int, str], _Accumulator] = {}
-        self._pending: list[_Pending] = []
         self._self_attention: dict[tuple, tuple[torch.Tensor, tuple]] = {}
         self.stopped = False
         self.notes: list[str] = []  # for the adapter's report, taken through GuidanceRun.take_notes
@@ -192,7 +186,6 @@ class RegionScales:
         """No region scaling for the rest of the run (the attention capture failed); drops captures."""
         self.stopped = True
         self._acc.clear()
-        self._pending.clear()
         self._self_attention.clear()
 
     def _note(self, message: str) -> None:
@@ -207,18 +200,14 @@ class RegionScales:
     def begin_call(self, rows) -> None:
         """Before each UNet call (`CallRows`): a new step drops everything of earlier steps; the
         halves this call holds replace whatever the images had for them."""
-        self._call += 1
         if rows.step != self._step or tuple(rows.latent_size) != self._latent_size:
             self._step = rows.step
             self._latent_size = tuple(rows.latent_size)
             self._acc.clear()
-            self._owner.clear()
-            self._pending.clear()
         self._self_attention.clear()
         for half, per_image in ((UNCOND, rows.uncond), (COND, rows.cond)):
             for image, row in enumerate(per_image):
                 if row is not None:
-                    self._owner[(image, half)] = self._call
                     self._acc.pop((image, half), None)
 
     def grid_size(self) -> tuple[int, int]:
@@ -258,35 +247,21 @@ class RegionScales:
             ca = _take(probs, picked)
             if half == UNCOND:
                 ca = foreground_pair(ca)
-            maps = to_grid(propagate(sa, ca), map_size, grid)
-            self._pending.append(_Pending(self._call, half, factor, maps, [rows[j][0] for j in picked]))
+            maps = smooth(to_grid(propagate(sa, ca), map_size, grid))
+            self._accumulate(half, normalize(maps, half), [rows[j][0] for j in picked])
 
-    def _finalize(self) -> None:
-        groups: dict[tuple, list[_Pending]] = {}
-        for entry in self._pending:
-            groups.setdefault((entry.half, entry.factor, entry.maps.shape[1:]), []).append(entry)
-        self._pending = []
-        for (half, _, _), entries in groups.items():
-            maps = smooth(torch.cat([e.maps for e in entries]))
-            if half == COND:
-                normalized = maps / (maps.mean(dim=(2, 3), keepdim=True) + EPS)
-            else:
-                normalized = maps / maps.mean(dim=(2, 3), keepdim=True)
-            j = 0
-            for entry in entries:
-                for image in entry.images:
-                    if self._owner.get((image, half)) == entry.call:
-                        acc = self._acc.setdefault((image, half), _Accumulator())
-                        acc.total = normalized[j] if acc.total is None else acc.total + normalized[j]
-                        acc.count += 1
-                    j += 1
+    def _accumulate(self, half: str, normalized: torch.Tensor, images: list[int]) -> None:
+        """Adds one block's normalised maps to the images' sums at once (begin_call drops the sums
+        of halves a later call holds again), so no block's maps wait for the step's end."""
+        for j, image in enumerate(images):
+            acc = self._acc.setdefault((image, half), _Accumulator())
+            acc.total = normalized[j] if acc.total is None else acc.total + normalized[j]
+            acc.count += 1
 
     # -- RegionScale ------------------------------------------------------------------------------
     def rate(self, image_step: ImageStep) -> torch.Tensor:
         """The rate map (1, H, W) of one image, from this step's captures (which are dropped).
         Without captures of both halves the rate is 1 (plain CFG)."""
-        if self._pending:
-            self._finalize()
         cond = self._acc.pop((image_step.image, COND), None)
         uncond = self._acc.pop((image_step.image, UNCOND), None)
         direction = image_step.direction
