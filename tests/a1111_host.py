@@ -23,11 +23,11 @@ class A1111StandIn:
 
     def __init__(self, unet):
         from modules import script_callbacks, sd_hijack, shared
-        from modules.sd_models import StandInSdModel
+        from modules.sd_models import make_sd_model
 
         shared.reset()
         script_callbacks.clear_callbacks()
-        shared.sd_model = StandInSdModel(unet)
+        shared.sd_model = make_sd_model(unet)
         self.unet = unet
         self.shared, self.callbacks, self.sd_hijack = shared, script_callbacks, sd_hijack
         spec = importlib.util.spec_from_file_location("semantic_fidelity.py", SCRIPT)
