@@ -25,6 +25,9 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import sys
+import types
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -549,3 +552,35 @@ def _generate(p, before_sampling, postprocess, hires, init_latent):
     for hook in postprocess:
         hook(p)
     return x
+
+
+class SdConditioning(Conditioning):
+    """Forge's `modules.prompt_parser.SdConditioning` (forge.md §3.5): a prompt list with size,
+    negativity and the distilled CFG scale."""
+
+    def __init__(
+        self, prompts, is_negative_prompt=False, width=None, height=None, copy_from=None, distilled_cfg_scale=None
+    ):
+        copy_from = prompts if copy_from is None else copy_from
+        super().__init__(
+            prompts,
+            width or getattr(copy_from, "width", None),
+            height or getattr(copy_from, "height", None),
+            is_negative_prompt or getattr(copy_from, "is_negative_prompt", False),
+        )
+        self.distilled_cfg_scale = distilled_cfg_scale or getattr(copy_from, "distilled_cfg_scale", None)
+
+
+@contextmanager
+def forge_modules():
+    """`modules.prompt_parser` importable as in Forge, for the duration (nothing else of `modules`)."""
+    if "modules" in sys.modules:
+        raise RuntimeError("another host's `modules` is loaded")
+    package, parser = types.ModuleType("modules"), types.ModuleType("modules.prompt_parser")
+    parser.SdConditioning = SdConditioning
+    package.prompt_parser = parser
+    sys.modules.update({"modules": package, "modules.prompt_parser": parser})
+    try:
+        yield parser
+    finally:
+        del sys.modules["modules"], sys.modules["modules.prompt_parser"]
