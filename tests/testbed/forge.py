@@ -136,6 +136,8 @@ def _layer_positions(unet) -> dict[str, tuple[tuple[str, int], int, int]]:
     positions, transformer_index, last = {}, -1, None
     for name in names:
         parts = name.split(".")
+        while parts[0] not in ("input_blocks", "middle_block", "output_blocks"):
+            parts = parts[1:]  # a wrapper's prefix (VFromEps.eps_unet)
         if parts[0] == "middle_block":
             block, container = ("middle", 0), "middle_block"
         else:

@@ -112,6 +112,13 @@ class VFromEps(torch.nn.Module):
         self.eps_unet = eps_unet
         self.schedule = schedule
 
+    def __getattr__(self, name: str):
+        """The eps network's attributes (model_channels, num_classes, …) are the wrapper's too."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.eps_unet, name)
+
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, **kwargs) -> torch.Tensor:
         """v for the timesteps' sigmas."""
         eps = self.eps_unet(x, timesteps, **kwargs)
