@@ -39,15 +39,17 @@ class A1111StandIn:
         sd_hijack.list_optimizers()
         sd_hijack.apply_optimizations()
 
-    def load_model(self, unet) -> None:
+    def load_model(self, unet, **model_config) -> None:
         """Make the model around `unet` the loaded one, as a checkpoint change does (the host then
-        re-applies the selected cross-attention optimization)."""
+        re-applies the selected cross-attention optimization). `model_config`: `make_sd_model`'s
+        parameterization and alphas_cumprod."""
         from modules import sd_hijack
         from modules.sd_models import make_sd_model
 
-        if id(unet) not in self._models:
-            self._models[id(unet)] = make_sd_model(unet)
-        self.shared.sd_model = self._models[id(unet)]
+        key = (id(unet), model_config.get("parameterization"), id(model_config.get("alphas_cumprod")))
+        if key not in self._models:
+            self._models[key] = make_sd_model(unet, **model_config)
+        self.shared.sd_model = self._models[key]
         self.unet = unet
         if sd_hijack.optimizers:
             sd_hijack.apply_optimizations()

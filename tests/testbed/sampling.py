@@ -97,9 +97,9 @@ class CompVisVDenoiser(CompVisEpsDenoiser):
     c_out = −σ/sqrt(σ²+1), c_in = 1/sqrt(σ²+1) (Salimans & Ho 2022; k-diffusion, sigma_data 1)."""
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> torch.Tensor:
-        variance = _per_row(sigma**2 + 1, x)
-        v = self.unet(x / variance**0.5, self.sigma_to_t(sigma), **unet_kwargs(cond))
-        return x / variance - v * _per_row(sigma, x) / variance**0.5
+        c_in = _per_row(1 / (sigma**2 + 1) ** 0.5, x)  # the input scaled exactly as for eps models
+        v = self.unet(x * c_in, self.sigma_to_t(sigma), **unet_kwargs(cond))
+        return x * c_in**2 - v * _per_row(sigma, x) * c_in
 
 
 class VFromEps(torch.nn.Module):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from tests.testbed.sampling import sd_alphas_cumprod
 from tests.testbed.text_encoder import SdxlTextEncoderStandIn, TextEncoderStandIn
 from tests.testbed.unet import is_sdxl
 
@@ -73,6 +74,11 @@ class StandInSdxlModel(torch.nn.Module):
         return self.model(x, t, cond)
 
 
-def make_sd_model(unet: torch.nn.Module) -> torch.nn.Module:
-    """The model object A1111 builds around `unet`: SDXL when it takes the pooled vector."""
-    return StandInSdxlModel(unet) if is_sdxl(unet) else StandInSdModel(unet)
+def make_sd_model(unet: torch.nn.Module, parameterization: str = "eps", alphas_cumprod=None) -> torch.nn.Module:
+    """The model object A1111 builds around `unet`: SDXL when it takes the pooled vector; a v model
+    when its config says `parameterization: v`; `alphas_cumprod` as the model holds it (after the
+    "Zero Terminal SNR" noise-schedule setting, when that is given)."""
+    model = StandInSdxlModel(unet) if is_sdxl(unet) else StandInSdModel(unet)
+    model.parameterization = parameterization
+    model.alphas_cumprod = sd_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod
+    return model
