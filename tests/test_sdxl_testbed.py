@@ -93,6 +93,7 @@ def test_tiny_sdxl_reads_context_and_pooled_vector(tiny_sdxl):
     context, vector = torch.randn(1, 77, 2048, generator=generator), torch.randn(1, 2816, generator=generator)
     with torch.no_grad():
         out = tiny_sdxl(x, t, context=context, y=vector)
+        # channels rolled, not tokens: attention does not see the order of its keys
         other_context = tiny_sdxl(x, t, context=context.roll(1, dims=2), y=vector)
         other_vector = tiny_sdxl(x, t, context=context, y=vector.roll(1, dims=1))
     assert (out - other_context).abs().mean() > 1e-3

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .sampling import CompVisEpsDenoiser, sample_euler
+from .sampling import CompVisEpsDenoiser, sample_euler, x0_from_v
 from .text_encoder import Conditioning, SdxlTextEncoderStandIn, TextEncoderStandIn
 from .unet import is_sdxl, make_unet
 
@@ -120,11 +120,10 @@ class EpsPredictor:
 
 
 class VPredictor(EpsPredictor):
-    """v models (sigma_data 1): x0 = x/(σ²+1) − v·σ/sqrt(σ²+1)."""
+    """Forge's `Prediction` for v models (sigma_data 1)."""
 
     def calculate_denoised(self, sigma: torch.Tensor, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        variance = sigma.view(-1, 1, 1, 1) ** 2 + 1
-        return x / variance - v * sigma.view(-1, 1, 1, 1) / variance**0.5
+        return x0_from_v(x, v, sigma)
 
 
 def _layer_positions(unet) -> dict[str, tuple[tuple[str, int], int, int]]:

@@ -48,6 +48,13 @@ def _per_row(value: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return value.view(-1, *([1] * (x.dim() - 1)))
 
 
+def x0_from_v(x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """x0 = c_skip·x + c_out·v with c_skip = 1/(σ²+1), c_out = −σ/sqrt(σ²+1) (Salimans & Ho 2022;
+    k-diffusion's CompVisVDenoiser and Forge's V_PREDICTION, sigma_data 1)."""
+    c_in = _per_row(1 / (sigma**2 + 1) ** 0.5, x)
+    return x * c_in**2 - v * _per_row(sigma, x) * c_in
+
+
 class CompVisEpsDenoiser:
     """x0 from an eps model, with sigma and timestep handling as in k-diffusion's DiscreteSchedule."""
 
@@ -93,13 +100,12 @@ class CompVisEpsDenoiser:
 
 
 class CompVisVDenoiser(CompVisEpsDenoiser):
-    """x0 from a v model: x0 = c_skip·x + c_out·v(c_in·x, t), c_skip = 1/(σ²+1),
-    c_out = −σ/sqrt(σ²+1), c_in = 1/sqrt(σ²+1) (Salimans & Ho 2022; k-diffusion, sigma_data 1)."""
+    """x0 from a v model: `x0_from_v(x, v(c_in·x, t), σ)`, c_in = 1/sqrt(σ²+1) as for eps models."""
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> torch.Tensor:
-        c_in = _per_row(1 / (sigma**2 + 1) ** 0.5, x)  # the input scaled exactly as for eps models
+        c_in = _per_row(1 / (sigma**2 + 1) ** 0.5, x)
         v = self.unet(x * c_in, self.sigma_to_t(sigma), **unet_kwargs(cond))
-        return x * c_in**2 - v * _per_row(sigma, x) * c_in
+        return x0_from_v(x, v, sigma)
 
 
 class VFromEps(torch.nn.Module):
