@@ -134,3 +134,29 @@ def _condition(host, text: str) -> dict:
     model = host.shared.sd_model
     encoded = model.get_learned_conditioning(prompt_parser.SdConditioning([text], width=128, height=128))
     return dict(encoded) if isinstance(encoded, dict) else {"c_crossattn": [encoded]}
+
+
+def test_sdxl_extra_rows_carry_each_pass_size_embedding(host, tiny_unet, sdxl_unet):
+    """SDXL's pooled vector holds the image size: the extra rows get the pass's own size, like the
+    host's rows (the hires pass encodes at the upscaled size)."""
+    from tests.testbed.text_encoder import size_embedding
+
+    seen = []
+
+    def on_cfg_denoiser(params):
+        seen.append((params.denoiser.p.is_hr_pass, params.text_cond["vector"][:, 1280:].clone()))
+
+    host.callbacks.on_cfg_denoiser(on_cfg_denoiser)  # registered after the adapter's: sees the extra rows
+    try:
+        with model_loaded(host, sdxl_unet, tiny_unet):
+            args = host.args(enable=True, sega_enable=True, sega_edits="+ gold clock : 6", apply_hires=True)
+            fields = dict(SIZE, steps=2, enable_hr=True, hr_second_pass_steps=2)
+            processed = host.generate(args=args, prompt=PROMPT, **fields)
+    finally:
+        host.callbacks.callbacks["cfg_denoiser"].remove(on_cfg_denoiser)
+    assert processed.errors == []
+    assert [hires for hires, _ in seen] == [False, False, True, True]
+    for hires, sizes in seen:
+        side = 256 if hires else 128
+        assert sizes.shape[0] == 2  # the prompt's row and the edit's row
+        assert torch.equal(sizes, size_embedding([side, side, 0, 0, side, side]).expand(2, -1))
