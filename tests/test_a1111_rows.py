@@ -144,7 +144,9 @@ def test_sdxl_extra_rows_carry_each_pass_size_embedding(host, tiny_unet, sdxl_un
     seen = []
 
     def on_cfg_denoiser(params):
-        seen.append((params.denoiser.p.is_hr_pass, params.text_cond["vector"][:, 1280:].clone()))
+        cond = params.text_cond  # pitfall 3: a DictWithShape whose shape is the crossattn's
+        assert type(cond).__name__ == "DictWithShape" and cond.shape == cond["crossattn"].shape
+        seen.append((params.denoiser.p.is_hr_pass, cond["vector"][:, 1280:].clone()))
 
     host.callbacks.on_cfg_denoiser(on_cfg_denoiser)  # registered after the adapter's: sees the extra rows
     try:
