@@ -23,13 +23,12 @@ class A1111StandIn:
 
     def __init__(self, unet):
         from modules import script_callbacks, sd_hijack, shared
-        from modules.sd_models import StandInSdModel
 
         shared.reset()
         script_callbacks.clear_callbacks()
-        shared.sd_model = StandInSdModel(unet)
-        self.unet = unet
         self.shared, self.callbacks, self.sd_hijack = shared, script_callbacks, sd_hijack
+        self._models = {}
+        self.load_model(unet)
         spec = importlib.util.spec_from_file_location("semantic_fidelity.py", SCRIPT)
         self.module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(self.module)
@@ -39,6 +38,21 @@ class A1111StandIn:
         self.script.alwayson = True
         sd_hijack.list_optimizers()
         sd_hijack.apply_optimizations()
+
+    def load_model(self, unet, **model_config) -> None:
+        """Make the model around `unet` the loaded one, as a checkpoint change does (the host then
+        re-applies the selected cross-attention optimization). `model_config`: `make_sd_model`'s
+        parameterization and alphas_cumprod."""
+        from modules import sd_hijack
+        from modules.sd_models import make_sd_model
+
+        key = (id(unet), model_config.get("parameterization"), id(model_config.get("alphas_cumprod")))
+        if key not in self._models:
+            self._models[key] = make_sd_model(unet, **model_config)
+        self.shared.sd_model = self._models[key]
+        self.unet = unet
+        if sd_hijack.optimizers:
+            sd_hijack.apply_optimizations()
 
     @property
     def params(self):
@@ -88,6 +102,16 @@ class A1111StandIn:
         """Instance attributes our adapter sets, wherever they are still found."""
         found = [name or "unet" for name, m in self.unet.named_modules() if "forward" in m.__dict__]
         return found
+
+
+@contextmanager
+def model_loaded(host: A1111StandIn, unet, restore):
+    """`unet`'s model loaded in `host` for the duration, then `restore`'s."""
+    host.load_model(unet)
+    try:
+        yield host
+    finally:
+        host.load_model(restore)
 
 
 @contextmanager

@@ -1,20 +1,50 @@
 """Whole txt2img and img2img runs through the A1111 stand-in with the real script, adapter and ldm
 UNet: disabled ⇒ bit-identical to the host without the extension; every method acts; bad input and
-errors inside hooks fall back to the host's CFG; nothing stays patched."""
+errors inside hooks fall back to the host's CFG; nothing stays patched. The whole-generation tests
+run on both layouts (`layout_host`): SD1.5 and SDXL (dict conditioning, pooled vector, attention at
+factors 2 and 4 only, transformer depths 2 and 3)."""
 
 import pytest
 import torch
 
-from tests.a1111_host import A1111StandIn, a1111_modules
+from tests.a1111_host import A1111StandIn, a1111_modules, model_loaded
+from tests.testbed.unet import make_unet
 
 SIZE = dict(width=128, height=128, steps=4, cfg_scale=7.0)
 PROMPT = "a red book and a gold clock"
+
+
+LAYOUTS = ["sd15", "sdxl"]
 
 
 @pytest.fixture(scope="module")
 def host(tiny_unet):
     with a1111_modules():
         yield A1111StandIn(tiny_unet)
+
+
+@pytest.fixture(scope="module")
+def sdxl_unet():
+    return make_unet("tiny_sdxl", seed=0)
+
+
+@pytest.fixture(params=LAYOUTS)
+def layout_host(request, host, tiny_unet, sdxl_unet):
+    """The host with an SD1.5 or an SDXL checkpoint loaded (SD1.5 again afterwards)."""
+    with model_loaded(host, sdxl_unet if request.param == "sdxl" else tiny_unet, tiny_unet):
+        assert host.shared.sd_model.is_sdxl == (request.param == "sdxl")
+        yield host
+
+
+def _on_layouts(cases: dict, sdxl: list[str]) -> list:
+    """(layout, case) parameters for `layout_host` (indirect): every case on SD1.5, the `sdxl` ones on
+    SDXL too (the suite's time)."""
+    return [
+        pytest.param(layout, case, id=f"{layout}-{name}")
+        for layout in LAYOUTS
+        for name, case in cases.items()
+        if layout == "sd15" or name in sdxl
+    ]
 
 
 def _images(processed):
@@ -28,18 +58,20 @@ def _assert_clean(host, processed):
     assert "combine_denoised" not in denoiser.__dict__
 
 
+DISABLED_CASES = {
+    "batch1": dict(prompt=PROMPT, **SIZE),
+    "batch2-AND": dict(prompt=[PROMPT, "a cat AND a dog:0.5"], batch_size=2, **SIZE),
+    "NGMS": dict(prompt=PROMPT, s_min_uncond=100.0, **SIZE),
+    "hires": dict(prompt=PROMPT, enable_hr=True, hr_second_pass_steps=2, **SIZE),
+    "DDIM": dict(prompt=PROMPT, sampler_name="DDIM", **SIZE),
+}
+
+
 @pytest.mark.parametrize(
-    "fields",
-    [
-        dict(prompt=PROMPT, **SIZE),
-        dict(prompt=[PROMPT, "a cat AND a dog:0.5"], batch_size=2, **SIZE),
-        dict(prompt=PROMPT, s_min_uncond=100.0, **SIZE),
-        dict(prompt=PROMPT, enable_hr=True, hr_second_pass_steps=2, **SIZE),
-        dict(prompt=PROMPT, sampler_name="DDIM", **SIZE),
-    ],
-    ids=["batch1", "batch2-AND", "NGMS", "hires", "DDIM"],
+    "layout_host, fields", _on_layouts(DISABLED_CASES, ["batch2-AND", "hires"]), indirect=["layout_host"]
 )
-def test_disabled_is_bit_identical_to_the_host_without_the_extension(host, fields):
+def test_disabled_is_bit_identical_to_the_host_without_the_extension(layout_host, fields):
+    host = layout_host
     baseline = host.generate(extension=False, **fields)
     for args in (host.default_args(), host.args(concepts_enable=True, sega_enable=True)):
         processed = host.generate(args=args, **fields)  # master switch off
@@ -121,7 +153,8 @@ def _infotext_keys(infotext):
 @pytest.mark.parametrize(
     "methods", [("concepts",), ("sega",), ("scfg",), ("regulation",), tuple(METHOD_ARGS)], ids="-".join
 )
-def test_each_method_and_all_together_change_the_image(host, methods):
+def test_each_method_and_all_together_change_the_image(layout_host, methods):
+    host = layout_host
     fields = dict(prompt=PROMPT, **SIZE)
     baseline = host.generate(extension=False, **fields)
     processed = host.generate(args=_settings_args(host, *methods), **fields)
@@ -136,18 +169,24 @@ def test_each_method_and_all_together_change_the_image(host, methods):
     assert "Semantic Fidelity note" not in keys
 
 
+VARIANT_CASES = {
+    "batch2-AND": dict(prompt=[PROMPT, "a blue cat AND a green dog:0.5"], batch_size=2, **SIZE),
+    "154-tokens-short-negative": dict(
+        prompt=" ".join(["a red book and a gold clock on a wooden table"] * 12), negative_prompt="blurry", **SIZE
+    ),
+    "NGMS": dict(prompt=PROMPT, s_min_uncond=100.0, **SIZE),
+    "DDIM-eps": dict(prompt=PROMPT, sampler_name="DDIM", **SIZE),
+    "two-batches": dict(prompt=PROMPT, n_iter=2, **SIZE),
+}
+
+
 @pytest.mark.parametrize(
-    "fields",
-    [
-        dict(prompt=[PROMPT, "a blue cat AND a green dog:0.5"], batch_size=2, **SIZE),
-        dict(prompt=" ".join(["a red book and a gold clock on a wooden table"] * 12), negative_prompt="blurry", **SIZE),
-        dict(prompt=PROMPT, s_min_uncond=100.0, **SIZE),
-        dict(prompt=PROMPT, sampler_name="DDIM", **SIZE),
-        dict(prompt=PROMPT, n_iter=2, **SIZE),
-    ],
-    ids=["batch2-AND", "154-tokens-short-negative", "NGMS", "DDIM-eps", "two-batches"],
+    "layout_host, fields",
+    _on_layouts(VARIANT_CASES, ["batch2-AND", "154-tokens-short-negative", "DDIM-eps"]),
+    indirect=["layout_host"],
 )
-def test_all_methods_through_host_variants(host, fields):
+def test_all_methods_through_host_variants(layout_host, fields):
+    host = layout_host
     baseline = host.generate(extension=False, **fields)
     processed = host.generate(args=_settings_args(host, *METHOD_ARGS), **fields)
     _assert_clean(host, processed)
@@ -165,7 +204,8 @@ def test_batch_images_keep_their_own_concepts(host):
     torch.testing.assert_close(together.images[1], alone.images[0], rtol=1e-4, atol=1e-4)
 
 
-def test_hires_pass_follows_its_switch(host):
+def test_hires_pass_follows_its_switch(layout_host):
+    host = layout_host
     fields = dict(prompt=PROMPT, enable_hr=True, hr_second_pass_steps=2, **SIZE)
     with_hires = host.generate(args=_settings_args(host, "sega", apply_hires=True), **fields)
     without = host.generate(args=_settings_args(host, "sega", apply_hires=False), **fields)
@@ -175,7 +215,8 @@ def test_hires_pass_follows_its_switch(host):
     assert (with_hires.images[0] - without.images[0]).abs().max() > 1e-3
 
 
-def test_img2img_is_steered(host):
+def test_img2img_is_steered(layout_host):
+    host = layout_host
     init = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
     fields = dict(prompt=PROMPT, init_latent=init, denoising_strength=0.6, **SIZE)
     baseline = host.generate("img2img", extension=False, **fields)

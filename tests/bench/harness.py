@@ -160,8 +160,8 @@ def place_stand_in(device: str) -> None:
     def encode_on_device(self, texts):
         return encode(self, texts).to(device)
 
-    def init_on_device(self, unet):
-        init(self, unet)
+    def init_on_device(self, unet, *schedule):
+        init(self, unet, *schedule)
         self.sigmas, self.log_sigmas = self.sigmas.to(device), self.log_sigmas.to(device)
 
     def sigmas_on_device(self, steps):

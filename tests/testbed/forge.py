@@ -3,8 +3,10 @@
 
 - `UnetPatcher`: `clone()` (deep copy of `model_options`, same model), the setters the adapter uses
   and the `model_options` layout they write;
-- `KModel.apply_model(x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={})`:
-  sigma in, x0 out (eps model with k-diffusion scaling);
+- `KModel.apply_model(x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs)`:
+  sigma in, x0 out (eps or v model with k-diffusion scaling, on the SD schedule or its zero-terminal-
+  SNR rescaling); SDXL's pooled vector arrives as the `y` keyword and goes to the UNet;
+- conditions: SD1 tensors, or SDXL's dict `crossattn` + `vector` compiled to `c_crossattn` + `y`;
 - attention replace patches: every ldm CrossAttention gets an instance forward that looks the layer
   up in `transformer_options["patches_replace"]["attn1"|"attn2"]` under (block, id, index), then
   (block, id), and calls `fn(q, k, v, extra_options)` with projected q/k/v, like Forge's
@@ -23,13 +25,16 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import sys
+import types
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
-from .sampling import CompVisEpsDenoiser, sample_euler
-from .text_encoder import TextEncoderStandIn
-from .unet import make_unet
+from .sampling import CompVisEpsDenoiser, sample_euler, x0_from_v
+from .text_encoder import Conditioning, SdxlTextEncoderStandIn, TextEncoderStandIn
+from .unet import is_sdxl, make_unet
 
 # ---------------------------------------------------------------------------------------------
 # conditions (backend/sampling/condition.py behaviour)
@@ -72,7 +77,15 @@ class ConditionCrossAttn(Condition):
 def compile_conditions(cond):
     if cond is None:
         return None
+    if isinstance(cond, dict):  # SDXL: the pooled vector becomes the `y` model condition
+        crossattn, vector = cond["crossattn"], cond["vector"]
+        model_conds = {"c_crossattn": ConditionCrossAttn(crossattn), "y": Condition(vector)}
+        return [{"cross_attn": crossattn, "pooled_output": vector, "model_conds": model_conds}]
     return [{"cross_attn": cond, "model_conds": {"c_crossattn": ConditionCrossAttn(cond)}}]
+
+
+def _cond_rows(cond, rows: list[int]):
+    return {key: value[rows] for key, value in cond.items()} if isinstance(cond, dict) else cond[rows]
 
 
 def compile_weighted_conditions(cond: torch.Tensor, composition):
@@ -80,7 +93,7 @@ def compile_weighted_conditions(cond: torch.Tensor, composition):
     strength of that position's weight."""
     results = []
     for parts in zip(*composition, strict=False):
-        compiled = compile_conditions(cond[[index for index, _ in parts]])
+        compiled = compile_conditions(_cond_rows(cond, [index for index, _ in parts]))
         compiled[0]["strength"] = parts[-1][1]
         results += compiled
     return results
@@ -91,8 +104,10 @@ def compile_weighted_conditions(cond: torch.Tensor, composition):
 
 
 class EpsPredictor:
-    def __init__(self):
-        self.schedule = CompVisEpsDenoiser(torch.nn.Identity())
+    """Forge's `Prediction` for eps models: the discrete schedule's sigmas and timesteps."""
+
+    def __init__(self, alphas_cumprod: torch.Tensor | None = None):
+        self.schedule = CompVisEpsDenoiser(torch.nn.Identity(), alphas_cumprod)
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         return self.schedule.sigma_to_t(sigma)
@@ -104,6 +119,13 @@ class EpsPredictor:
         return x - eps * sigma.view(-1, 1, 1, 1)
 
 
+class VPredictor(EpsPredictor):
+    """Forge's `Prediction` for v models (sigma_data 1)."""
+
+    def calculate_denoised(self, sigma: torch.Tensor, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return x0_from_v(x, v, sigma)
+
+
 def _layer_positions(unet) -> dict[str, tuple[tuple[str, int], int, int]]:
     """module name → (block, block_index, transformer_index) of every BasicTransformerBlock."""
     names = []
@@ -113,6 +135,8 @@ def _layer_positions(unet) -> dict[str, tuple[tuple[str, int], int, int]]:
     positions, transformer_index, last = {}, -1, None
     for name in names:
         parts = name.split(".")
+        while parts[0] not in ("input_blocks", "middle_block", "output_blocks"):
+            parts = parts[1:]  # a wrapper's prefix (VFromEps.eps_unet)
         if parts[0] == "middle_block":
             block, container = ("middle", 0), "middle_block"
         else:
@@ -127,11 +151,11 @@ def _layer_positions(unet) -> dict[str, tuple[tuple[str, int], int, int]]:
 class KModel:
     """`apply_model` of Forge's KModel around an ldm UNet; attention replace patches are honoured."""
 
-    def __init__(self, diffusion_model: torch.nn.Module, config: dict | None = None):
+    def __init__(self, diffusion_model: torch.nn.Module, config: dict | None = None, predictor=None):
         self.diffusion_model = diffusion_model
         if config is not None:
             diffusion_model.config = config
-        self.predictor = EpsPredictor()
+        self.predictor = predictor or EpsPredictor()
         self._options: dict | None = None
         self._shape = None
         for name, (block, block_index, transformer_index) in _layer_positions(diffusion_model).items():
@@ -170,8 +194,9 @@ class KModel:
         if c_concat is not None:
             xc = torch.cat([xc, c_concat], dim=1)
         self._options, self._shape = transformer_options, x.shape
+        extra = {"y": kwargs["y"]} if kwargs.get("y") is not None else {}
         try:
-            eps = self.diffusion_model(xc, self.predictor.timestep(sigma), context=c_crossattn)
+            eps = self.diffusion_model(xc, self.predictor.timestep(sigma), context=c_crossattn, **extra)
         finally:
             self._options = None
         if control is not None:  # the UNet adds a ControlNet's residuals row by row (one "middle" here)
@@ -392,19 +417,31 @@ class TextProcessingEngine:
 
 
 class ForgeDiffusionEngine:
-    def __init__(self, unet: torch.nn.Module | None = None, config: dict | None = None, seed: int = 0):
+    """SD1.5 (`StableDiffusion`) or, for an SDXL-layout UNet, `StableDiffusionXL`: dict conditioning
+    sized from the prompt list's width/height (1024 when it has none), `text_processing_engine_l`
+    and `_g` instead of `text_processing_engine`, `is_sdxl`."""
+
+    def __init__(self, unet: torch.nn.Module | None = None, config: dict | None = None, seed: int = 0, predictor=None):
         unet = unet if unet is not None else make_unet("tiny", seed=seed)
+        self.is_sdxl = is_sdxl(unet)
+        self.is_sd1 = not self.is_sdxl
         if config is None:
             config = {"model_channels": unet.model_channels, "context_dim": 768, "in_channels": 4}
-        self.kmodel = KModel(unet, config)
+            if self.is_sdxl:
+                config.update(context_dim=2048, adm_in_channels=unet.adm_in_channels)
+        self.kmodel = KModel(unet, config, predictor)
         self.forge_objects_after_applying_lora = ForgeObjects(UnetPatcher(self.kmodel))
         self.forge_objects = self.forge_objects_after_applying_lora.shallow_copy()
-        self.encoder = TextEncoderStandIn(seed=seed)
-        self.text_processing_engine = TextProcessingEngine(self.encoder)
-        self.is_sd1 = True
+        if self.is_sdxl:
+            self.encoder = SdxlTextEncoderStandIn(seed=seed)
+            self.text_processing_engine_l = TextProcessingEngine(self.encoder.clip_l)
+            self.text_processing_engine_g = TextProcessingEngine(self.encoder.clip_g)
+        else:
+            self.encoder = TextEncoderStandIn(seed=seed)
+            self.text_processing_engine = TextProcessingEngine(self.encoder)
 
-    def get_learned_conditioning(self, texts) -> torch.Tensor:
-        return self.encoder.encode(list(texts))
+    def get_learned_conditioning(self, texts):
+        return self.encoder.encode(texts if hasattr(texts, "width") else list(texts))
 
 
 class FluxLikeEngine(ForgeDiffusionEngine):
@@ -448,6 +485,8 @@ class Processing:
     height: int = 64
     hr_cfg: float = 7.0
     hr_steps: int = 3
+    hr_upscale_to_x: int = 0
+    hr_upscale_to_y: int = 0
     denoising_strength: float = 0.6
     is_hr_pass: bool = False
     extra_generation_params: dict = field(default_factory=dict)
@@ -479,13 +518,21 @@ def _composition(prompts: list[str], encode) -> tuple[list, torch.Tensor]:
 
 def _sample(p, hooks, x, sigmas):
     """One sampler run: reset forge_objects, call the hook, sample with Euler."""
-    encode = p.sd_model.get_learned_conditioning
+    width, height = (p.hr_upscale_to_x, p.hr_upscale_to_y) if p.is_hr_pass else (p.width, p.height)
+
+    def encode(texts, negative=False):
+        return p.sd_model.get_learned_conditioning(Conditioning(texts, width, height, is_negative_prompt=negative))
+
     composition, cond = _composition(p.prompts, encode)
     uc_scale = p.hr_cfg if p.is_hr_pass else p.cfg_scale
     # setup_conds: no uncond at all when the pass's CFG scale is 1
-    uncond = encode([p.negative_prompt] * len(p.prompts)) if uc_scale != 1 else None
-    if uncond is not None and p.zero_negative and not p.negative_prompt:
-        uncond = torch.zeros_like(uncond)  # Forge Neo's opts.sdxl_zero_neg: an empty negative is zeroed
+    uncond = encode([p.negative_prompt] * len(p.prompts), negative=True) if uc_scale != 1 else None
+    if uncond is not None and p.zero_negative and not p.negative_prompt:  # Forge Neo's opts.sdxl_zero_neg
+        uncond = (
+            {k: torch.zeros_like(v) for k, v in uncond.items()}
+            if isinstance(uncond, dict)
+            else torch.zeros_like(uncond)
+        )
     if p.is_hr_pass:
         p.hr_uc = uncond
     else:
@@ -511,7 +558,7 @@ def generate(p: Processing, before_sampling=(), postprocess=(), hires: bool = Fa
 
 
 def _generate(p, before_sampling, postprocess, hires, init_latent):
-    schedule = CompVisEpsDenoiser(torch.nn.Identity())
+    schedule = p.sd_model.kmodel.predictor.schedule
     latent_size = (p.height // 8, p.width // 8)
     noise = torch.stack(
         [torch.randn(4, *latent_size, generator=torch.Generator().manual_seed(seed)) for seed in p.seeds]
@@ -525,6 +572,7 @@ def _generate(p, before_sampling, postprocess, hires, init_latent):
         x = _sample(p, before_sampling, init_latent + noise * sigmas[start], sigmas[start:])
     if hires:
         p.is_hr_pass = True
+        p.hr_upscale_to_x, p.hr_upscale_to_y = p.width * 2, p.height * 2
         upscaled = torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest")
         hr_sigmas = schedule.get_sigmas(p.hr_steps)[1:]
         hr_noise = torch.stack(
@@ -537,3 +585,35 @@ def _generate(p, before_sampling, postprocess, hires, init_latent):
     for hook in postprocess:
         hook(p)
     return x
+
+
+class SdConditioning(Conditioning):
+    """Forge's `modules.prompt_parser.SdConditioning` (forge.md §3.5): a prompt list with size,
+    negativity and the distilled CFG scale."""
+
+    def __init__(
+        self, prompts, is_negative_prompt=False, width=None, height=None, copy_from=None, distilled_cfg_scale=None
+    ):
+        copy_from = prompts if copy_from is None else copy_from
+        super().__init__(
+            prompts,
+            width or getattr(copy_from, "width", None),
+            height or getattr(copy_from, "height", None),
+            is_negative_prompt or getattr(copy_from, "is_negative_prompt", False),
+        )
+        self.distilled_cfg_scale = distilled_cfg_scale or getattr(copy_from, "distilled_cfg_scale", None)
+
+
+@contextmanager
+def forge_modules():
+    """`modules.prompt_parser` importable as in Forge, for the duration (nothing else of `modules`)."""
+    if "modules" in sys.modules:
+        raise RuntimeError("another host's `modules` is loaded")
+    package, parser = types.ModuleType("modules"), types.ModuleType("modules.prompt_parser")
+    parser.SdConditioning = SdConditioning
+    package.prompt_parser = parser
+    sys.modules.update({"modules": package, "modules.prompt_parser": parser})
+    try:
+        yield parser
+    finally:
+        del sys.modules["modules"], sys.modules["modules.prompt_parser"]

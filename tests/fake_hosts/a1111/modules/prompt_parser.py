@@ -53,8 +53,13 @@ def get_learned_conditioning(model, prompts, steps, hires_steps=None, use_old_sc
     """One schedule list per prompt; identical prompts are encoded once."""
     unique = list(dict.fromkeys(prompts))
     conds = model.get_learned_conditioning(SdConditioning(unique, copy_from=prompts))
-    by_text = {text: [ScheduledPromptConditioning(steps, conds[i])] for i, text in enumerate(unique)}
+    by_text = {text: [ScheduledPromptConditioning(steps, _row(conds, i))] for i, text in enumerate(unique)}
     return [by_text[text] for text in prompts]
+
+
+def _row(conds, i):
+    """Row i of a tensor, or of every tensor of SDXL's dict conditioning."""
+    return {k: v[i] for k, v in conds.items()} if isinstance(conds, dict) else conds[i]
 
 
 _AND = re.compile(r"\bAND\b")
@@ -108,7 +113,9 @@ def reconstruct_cond_batch(c, current_step):
 
 
 def stack_conds(tensors):
-    """Equal token lengths by repeating each tensor's last vector."""
+    """Equal token lengths by repeating each tensor's last vector (SDXL's 1-D vectors stack as they are)."""
+    if tensors[0].dim() == 1:
+        return torch.stack(tensors)
     token_count = max(t.shape[0] for t in tensors)
     padded = [
         torch.cat([t, t[-1:].repeat(token_count - t.shape[0], 1)]) if t.shape[0] < token_count else t for t in tensors
@@ -124,4 +131,7 @@ def reconstruct_multicond_batch(c: MulticondLearnedConditioning, current_step):
             conds_for_batch.append((len(tensors), composable.weight))
             tensors.append(_pick(composable.schedules, current_step))
         conds_list.append(conds_for_batch)
+    if isinstance(tensors[0], dict):
+        stacked = {k: stack_conds([t[k] for t in tensors]) for k in tensors[0]}
+        return conds_list, DictWithShape(stacked, stacked["crossattn"].shape)
     return conds_list, stack_conds(tensors)

@@ -10,6 +10,17 @@ import torch
 from modules import prompt_parser, script_callbacks, shared
 
 
+def catenate_conds(conds):
+    """Tensors, or SDXL's dicts key by key, concatenated along the batch."""
+    if not isinstance(conds[0], dict):
+        return torch.cat(conds)
+    return {key: torch.cat([c[key] for c in conds]) for key in conds[0]}
+
+
+def subscript_cond(cond, a, b):
+    return {key: value[a:b] for key, value in cond.items()} if isinstance(cond, dict) else cond[a:b]
+
+
 class CFGDenoiser(torch.nn.Module):
     def __init__(self, sampler):
         super().__init__()
@@ -39,6 +50,8 @@ class CFGDenoiser(torch.nn.Module):
 
     def _model(self, x, sigma, c_crossattn, image_cond):
         self.unet_calls.append(x.shape[0])
+        if isinstance(c_crossattn, dict):  # SDXL: {**cond_dict, c_concat}
+            return self.inner_model(x, sigma, cond={**c_crossattn, "c_concat": [image_cond]})
         return self.inner_model(x, sigma, cond={"c_crossattn": [c_crossattn], "c_concat": [image_cond]})
 
     def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):
@@ -74,20 +87,22 @@ class CFGDenoiser(torch.nn.Module):
             sigma_in = sigma_in[:-batch_size]
 
         if tensor.shape[1] == uncond.shape[1] or skip_uncond:
-            cond_in = tensor if skip_uncond else torch.cat([tensor, uncond])
+            cond_in = tensor if skip_uncond else catenate_conds([tensor, uncond])
             if shared.opts.batch_cond_uncond:
                 x_out = self._model(x_in, sigma_in, cond_in, image_cond_in)
             else:
                 x_out = torch.zeros_like(x_in)
                 for a in range(0, x_out.shape[0], batch_size):
                     b = a + batch_size
-                    x_out[a:b] = self._model(x_in[a:b], sigma_in[a:b], cond_in[a:b], image_cond_in[a:b])
+                    x_out[a:b] = self._model(
+                        x_in[a:b], sigma_in[a:b], subscript_cond(cond_in, a, b), image_cond_in[a:b]
+                    )
         else:
             x_out = torch.zeros_like(x_in)
             step = batch_size * 2 if shared.opts.batch_cond_uncond else batch_size
             for a in range(0, tensor.shape[0], step):
                 b = min(a + step, tensor.shape[0])
-                x_out[a:b] = self._model(x_in[a:b], sigma_in[a:b], tensor[a:b], image_cond_in[a:b])
+                x_out[a:b] = self._model(x_in[a:b], sigma_in[a:b], subscript_cond(tensor, a, b), image_cond_in[a:b])
             count = uncond.shape[0]
             x_out[-count:] = self._model(x_in[-count:], sigma_in[-count:], uncond, image_cond_in[-count:])
 

@@ -1,16 +1,19 @@
-"""k-diffusion samplers (Euler): x0 predictions with sigma (a1111.md §3.4)."""
+"""k-diffusion samplers (Euler): x0 predictions with sigma (a1111.md §3.4), from k-diffusion's
+CompVisDenoiser or, for v models, CompVisVDenoiser on the model's `alphas_cumprod`."""
 
 from __future__ import annotations
 
 from modules import sd_samplers_cfg_denoiser, sd_samplers_common, shared
-from tests.testbed.sampling import CompVisEpsDenoiser, sample_euler
+from tests.testbed.sampling import CompVisEpsDenoiser, CompVisVDenoiser, sample_euler
 
 
 class CFGDenoiserKDiffusion(sd_samplers_cfg_denoiser.CFGDenoiser):
     @property
     def inner_model(self):
         if self.sampler.model_wrap is None:
-            self.sampler.model_wrap = CompVisEpsDenoiser(shared.sd_model.model.diffusion_model)
+            model = shared.sd_model
+            denoiser = CompVisVDenoiser if model.parameterization == "v" else CompVisEpsDenoiser
+            self.sampler.model_wrap = denoiser(model.model.diffusion_model, model.alphas_cumprod)
         return self.sampler.model_wrap
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from modules import sd_samplers_cfg_denoiser, sd_samplers_common, shared
-from tests.testbed.sampling import sd_alphas_cumprod
+from tests.testbed.sampling import sd_alphas_cumprod, unet_kwargs
 
 
 class CompVisTimestepsDenoiser(torch.nn.Module):
@@ -14,7 +14,7 @@ class CompVisTimestepsDenoiser(torch.nn.Module):
         self.unet = unet
 
     def forward(self, x, timesteps, cond):
-        return self.unet(x, timesteps, context=torch.cat(cond["c_crossattn"], 1))
+        return self.unet(x, timesteps, **unet_kwargs(cond))
 
 
 class CFGDenoiserTimesteps(sd_samplers_cfg_denoiser.CFGDenoiser):
