@@ -164,6 +164,24 @@ def _term_rows_used(term: AdditiveTerm, step: int, total_steps: int) -> list[boo
     return [term.active(step, total_steps)] * count
 
 
+def _image_step(inputs: StepInputs, space: PredictionSpace, image: int, conds, extra_preds: dict) -> ImageStep:
+    """One image's predictions in eps: uncond, the AND-weighted CFG direction, the extra rows."""
+    eps_uncond = space.to_eps(inputs.uncond[image], image)
+    direction = torch.zeros_like(eps_uncond)
+    for row, weight in conds:
+        direction += (space.to_eps(inputs.cond[row], image) - eps_uncond) * weight
+    extra = {source: torch.stack([space.to_eps(p, image) for p in preds]) for source, preds in extra_preds.items()}
+    return ImageStep(
+        image=image,
+        step=inputs.step,
+        total_steps=inputs.total_steps,
+        cfg_scale=inputs.cfg_scale,
+        eps_uncond=eps_uncond,
+        direction=direction,
+        extra=extra,
+    )
+
+
 class GuidanceRun:
     """Per sampler run: the validated settings, the per-image method objects and their state."""
 
@@ -187,6 +205,9 @@ class GuidanceRun:
             for text in term.extra_prompts()
         )
         self.steps_seen = 0
+        self.total_steps = 0  # of the last step seen: the run's length in denoiser calls
+        self.term_steps: dict[str, int] = {}  # per source, the steps at which a term was added
+        self.note_sources: list = [region_scale]  # objects with a `notes` list (planning adds more)
         self._noted: set[str] = set()
 
     @property
@@ -216,6 +237,7 @@ class GuidanceRun:
         """The guided prediction for every image, (B, C, H, W), in the host's space."""
         self._validate(inputs)
         self.steps_seen += 1
+        self.total_steps = inputs.total_steps
         scale_regions = self._region_scale_active(inputs)
         acting_terms = [[t for t in terms if t.active(inputs.step, inputs.total_steps)] for terms in self.terms]
         # A skipped uncond (NGMS, skip early CFG) leaves nothing to steer against.
@@ -225,31 +247,20 @@ class GuidanceRun:
         space = PredictionSpace(inputs.space, inputs.x, inputs.sigma)
         extra_by_image = self._split_extra(inputs)
         guided = torch.empty_like(inputs.uncond)
+        added_by: set[str] = set()
         for image, conds in enumerate(inputs.conds_list):
-            eps_uncond = space.to_eps(inputs.uncond[image], image)
-            direction = torch.zeros_like(eps_uncond)
-            for row, weight in conds:
-                direction += (space.to_eps(inputs.cond[row], image) - eps_uncond) * weight
-            extra = {
-                source: torch.stack([space.to_eps(p, image) for p in preds])
-                for source, preds in extra_by_image[image].items()
-            }
-            image_step = ImageStep(
-                image=image,
-                step=inputs.step,
-                total_steps=inputs.total_steps,
-                cfg_scale=inputs.cfg_scale,
-                eps_uncond=eps_uncond,
-                direction=direction,
-                extra=extra,
-            )
+            image_step = _image_step(inputs, space, image, conds, extra_by_image[image])
+            eps_uncond, direction = image_step.eps_uncond, image_step.direction
             scaled = direction * self.region_scale.rate(image_step) if scale_regions else direction
             eps = eps_uncond + inputs.cfg_scale * scaled
             for term in acting_terms[image]:
                 added = term.term(image_step)
                 if added is not None:
                     eps = eps + added
+                    added_by.add(term.source)
             guided[image] = space.from_eps(eps, image)
+        for source in added_by:
+            self.term_steps[source] = self.term_steps.get(source, 0) + 1
         return guided
 
     def rows_used(self, step: int, total_steps: int) -> tuple[bool, ...]:
@@ -268,7 +279,7 @@ class GuidanceRun:
     def take_notes(self) -> list[str]:
         """Notes the methods made since the last call (e.g. S-CFG cannot act at CFG 0), for the
         adapter's report; each note once."""
-        notes = list(getattr(self.region_scale, "notes", None) or [])
+        notes = [note for source in self.note_sources for note in (getattr(source, "notes", None) or [])]
         new = [note for note in notes if note not in self._noted]
         self._noted.update(new)
         return new

@@ -67,6 +67,9 @@ def run_steps(p) -> RunSteps:
     return RunSteps(firstpass, hires, old)
 
 
+TERM_NAMES = {"concepts": "concepts", "sega": "SEGA"}  # a term's source as the summary names it
+
+
 @dataclass
 class PlannedRun:
     run: GuidanceRun
@@ -79,6 +82,24 @@ class PlannedRun:
     @property
     def acting(self) -> bool:
         return bool(self.run.extra_rows or self.run.region_scale is not None or self.router is not None)
+
+    def acted_summary(self) -> str:
+        """What each method that was on did in the run, from the counters the run objects keep on
+        the Python side (no device read), e.g. "concepts 17/20 steps; S-CFG 60 blocks, 12 steps"."""
+        run, parts = self.run, []
+        sources = dict.fromkeys(term.source for terms in run.terms for term in terms)
+        for source in sources:
+            name, steps = TERM_NAMES.get(source, source), run.term_steps.get(source, 0)
+            parts.append(f"{name} {steps}/{run.total_steps} steps" if steps else f"{name} did not act")
+        scales = run.region_scale
+        if scales is not None:
+            blocks, steps = scales.blocks_captured, len(scales.rate_steps)
+            parts.append(f"S-CFG {blocks} blocks, {steps} steps" if blocks and steps else "S-CFG did not act")
+        regulator = getattr(self.router, "regulator", None)
+        if regulator is not None:
+            steps, layers = len(regulator.steps_optimised), len(regulator.layers_optimised)
+            parts.append(f"regulation {steps} steps × {layers} layers" if steps else "regulation did not act")
+        return "; ".join(parts)
 
 
 def _timelines(settings: Settings, segments, notes: list[str]) -> list[ConceptTimeline] | None:
@@ -133,6 +154,7 @@ def plan_run(
 
         router = AttentionRouter(region_scales=region_scales, regulator=regulator)
     run = GuidanceRun(settings, images, region_scale=region_scales, terms=terms)
+    run.note_sources.append(regulator)
     detected = []
     if not split_phrases(settings.concepts) and any(t.concepts for t in timelines):
         detected = [timeline.describe(steps.calls) for timeline in timelines]

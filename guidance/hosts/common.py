@@ -13,6 +13,7 @@ from ..prompts import format_phrases
 STATE_ATTRIBUTE = "semantic_fidelity_state"
 NOTE_KEY = f"{INFOTEXT_PREFIX} note"
 DETECTED_KEY = f"{INFOTEXT_PREFIX} detected concepts"
+ACTED_KEY = f"{INFOTEXT_PREFIX} acted"
 
 
 @dataclass
@@ -70,6 +71,21 @@ def record_plan(p, planned) -> None:
     detected = next((found for found in planned.detected_concepts if found), None)
     if extra is not None and detected:
         extra[DETECTED_KEY] = format_phrases(detected)
+
+
+def record_acted(p, planned) -> None:
+    """After a sampler run (the adapter's finish): the notes its methods made during the run, and
+    what each method did (`PlannedRun.acted_summary`) under one infotext key; the hires pass's
+    summary is appended as "; hires: …"."""
+    for note in planned.run.take_notes():
+        report(p, note)
+    summary = planned.acted_summary()
+    extra = getattr(p, "extra_generation_params", None)
+    if extra is None or not summary:
+        return
+    if getattr(p, "is_hr_pass", False) and extra.get(ACTED_KEY):
+        summary = f"{extra[ACTED_KEY]}; hires: {summary}"
+    extra[ACTED_KEY] = summary
 
 
 def batch_images(p, prompts=None, seeds=None) -> list[ImageInfo]:

@@ -218,6 +218,12 @@ class AttentionRegulator:
         self._generators: dict[tuple[int, torch.device], torch.Generator] = {}
         self._state: dict[tuple, _LayerState] = {}
         self._bases: dict[tuple, torch.Tensor] = {}
+        self.notes: list[str] = []  # for the adapter's report, taken through GuidanceRun.take_notes
+        # "acted" counters, counted on the Python side: steps and layers optimised, and the layer
+        # optimisations × iterations run (the cost)
+        self.steps_optimised: set[int] = set()
+        self.layers_optimised: set = set()
+        self.iterations_run = 0
 
     @classmethod
     def from_settings(
@@ -282,6 +288,28 @@ class AttentionRegulator:
             return given.to(device=device, dtype=torch.float32)
         return torch.rand(shape, generator=self._generator(image, torch.device(device)), device=device)
 
+    def _count(self, layer, step: int) -> None:
+        """One layer optimised at `step` (per image group; counted, never read from the device)."""
+        self.steps_optimised.add(step)
+        self.layers_optimised.add(layer)
+        self.iterations_run += self.iterations
+
+    def _fits(self, map_size: tuple[int, int], device) -> bool:
+        """Whether one Gaussian bump fits the map (sides of at least 3); else one note: the layer
+        keeps its plain attention (no bias can be placed on a 2×2 or smaller map)."""
+        if self._basis(map_size, device).shape[0] > 0:
+            return True
+        h, w = map_size
+        self._note(
+            f"Attention regulation: some chosen layers have {h}×{w} attention maps at this image size, too small "
+            "for one Gaussian bump (3×3 at least); they are not regulated."
+        )
+        return False
+
+    def _note(self, message: str) -> None:
+        if message not in self.notes:
+            self.notes.append(message)
+
     def remember(self, layer, image: int, step: int, best: torch.Tensor) -> None:
         """Sets a layer's raw best bias (heads, N, n_t) of an earlier step (restoring state)."""
         self._state[(layer, image)] = _LayerState(step, best, best)
@@ -332,6 +360,7 @@ class AttentionRegulator:
                 self.step_size,
                 record=self.record is not None,
             )
+            self._count(layer, step)
             initial = torch.einsum("rkt,kn->rnt", theta, basis)
             for j, s in enumerate(slots):
                 image = images[s]
@@ -384,7 +413,7 @@ class AttentionRegulator:
             out = attention(q, k, v, heads, upcast)
         rows = [row for row, image in cond_rows if self.targets[image]]
         images = [image for row, image in cond_rows if self.targets[image]]
-        if not rows:
+        if not rows or not self._fits(map_size, q.device):
             return out, None
         scores = attention_scores(select_rows(q, rows), select_rows(k, rows), heads)
         n, h, positions, columns = scores.shape

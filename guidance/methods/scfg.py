@@ -163,6 +163,14 @@ class RegionScales:
         self.stopped = False
         self.notes: list[str] = []  # for the adapter's report, taken through GuidanceRun.take_notes
         self.nonfinite: torch.Tensor | None = None  # device flag: a rate map was not finite
+        # the model's attention levels, learnt from the first capture call (shapes, no sync); until
+        # then R = 8 also captures factor 4, the coarsest level of SDXL-like models (no factor 8)
+        self.levels: tuple[int, ...] | None = None
+        self._seen: set[int] = set()
+        self._used: tuple[int, ...] = self.factors
+        self._fallback: dict[tuple[int, str], _Accumulator] = {}
+        self.blocks_captured = 0  # "acted" counters, counted on the Python side
+        self.rate_steps: set[int] = set()
 
     @classmethod
     def from_settings(cls, settings, batch_size: int) -> RegionScales:
@@ -186,6 +194,7 @@ class RegionScales:
         """No region scaling for the rest of the run (the attention capture failed); drops captures."""
         self.stopped = True
         self._acc.clear()
+        self._fallback.clear()
         self._self_attention.clear()
 
     def _note(self, message: str) -> None:
@@ -193,17 +202,44 @@ class RegionScales:
             self.notes.append(message)
 
     def wants(self, factor: int) -> bool:
-        """Whether blocks at downsampling factor r = H_latent/h are captured."""
-        return factor in self.factors
+        """Whether blocks at downsampling factor r = H_latent/h are captured (the router asks for
+        every layer of a capture call, so the levels the model has are learnt here)."""
+        self._seen.add(factor)
+        if self.levels is None:
+            return factor in self.factors or factor == fallback_factor(self.mask_factor)
+        return factor in self._used
+
+    def _learn_levels(self) -> None:
+        """After the first capture call: the factors the model has, the ones S-CFG uses, one note
+        when R has no level of its own (a coarser R than the model has takes its coarsest level)."""
+        if self.levels is not None or not self._seen:
+            return
+        self.levels = tuple(sorted(self._seen))
+        self._used = used_factors(self.factors, self.levels, self.mask_factor)
+        present = ", ".join(str(f) for f in self.levels)
+        if not self._used:
+            self._note(
+                f"S-CFG: this model has no attention at R = {self.mask_factor} or coarser (its levels: {present}); "
+                "it does not act."
+            )
+        elif not set(self._used) & set(self.factors):
+            self._note(
+                f"S-CFG: this model has no attention at R = {self.mask_factor} (its levels: {present}); the "
+                f"R = {self.mask_factor} masks are pooled from its coarsest maps (factor {self._used[0]})."
+            )
+            self._acc.update(self._fallback)
+        self._fallback.clear()
 
     # -- capture sink -----------------------------------------------------------------------------
     def begin_call(self, rows) -> None:
         """Before each UNet call (`CallRows`): a new step drops everything of earlier steps; the
         halves this call holds replace whatever the images had for them."""
+        self._learn_levels()
         if rows.step != self._step or tuple(rows.latent_size) != self._latent_size:
             self._step = rows.step
             self._latent_size = tuple(rows.latent_size)
             self._acc.clear()
+            self._fallback.clear()
         self._self_attention.clear()
         for half, per_image in ((UNCOND, rows.uncond), (COND, rows.cond)):
             for image, row in enumerate(per_image):
@@ -248,13 +284,17 @@ class RegionScales:
             if half == UNCOND:
                 ca = foreground_pair(ca)
             maps = smooth(to_grid(propagate(sa, ca), map_size, grid))
-            self._accumulate(half, normalize(maps, half), [rows[j][0] for j in picked])
+            self._accumulate(half, normalize(maps, half), [rows[j][0] for j in picked], factor)
 
-    def _accumulate(self, half: str, normalized: torch.Tensor, images: list[int]) -> None:
+    def _accumulate(self, half: str, normalized: torch.Tensor, images: list[int], factor: int) -> None:
         """Adds one block's normalised maps to the images' sums at once (begin_call drops the sums
-        of halves a later call holds again), so no block's maps wait for the step's end."""
+        of halves a later call holds again), so no block's maps wait for the step's end; a block at
+        the fallback factor, while the levels are not known, goes to the fallback sums."""
+        speculative = self.levels is None and factor not in self.factors
+        sums = self._fallback if speculative else self._acc
+        self.blocks_captured += not speculative
         for j, image in enumerate(images):
-            acc = self._acc.setdefault((image, half), _Accumulator())
+            acc = sums.setdefault((image, half), _Accumulator())
             acc.total = normalized[j] if acc.total is None else acc.total + normalized[j]
             acc.count += 1
 
@@ -262,6 +302,7 @@ class RegionScales:
     def rate(self, image_step: ImageStep) -> torch.Tensor:
         """The rate map (1, H, W) of one image, from this step's captures (which are dropped).
         Without captures of both halves the rate is 1 (plain CFG)."""
+        self._learn_levels()
         cond = self._acc.pop((image_step.image, COND), None)
         uncond = self._acc.pop((image_step.image, UNCOND), None)
         direction = image_step.direction
@@ -269,8 +310,14 @@ class RegionScales:
             scale = f"{image_step.cfg_scale:g}"
             self._note(f"S-CFG: at CFG scale {scale} there is no CFG direction to scale; it does not act.")
         if cond is None or uncond is None or self._step != image_step.step or image_step.cfg_scale <= 0:
+            if image_step.cfg_scale > 0 and self._used:
+                self._note(
+                    "S-CFG: no attention maps were captured at some steps (another extension may reshape the "
+                    "attention, e.g. ToMe or Hypertile); plain CFG at those steps."
+                )
             return torch.ones((1, 1, 1), dtype=direction.dtype, device=direction.device)
         token_maps, fore_maps = cond.total / cond.count, uncond.total / uncond.count
+        self.rate_steps.add(image_step.step)
         result = region_rate(
             token_maps,
             fore_maps,
@@ -290,6 +337,22 @@ class RegionScales:
         finite = torch.stack([torch.isfinite(t).all() for t in (rate, *maps)]).all()
         self.nonfinite = ~finite if self.nonfinite is None else self.nonfinite | ~finite
         return torch.where(finite, rate, torch.ones_like(rate))
+
+
+def fallback_factor(mask_factor: int) -> int | None:
+    """The level captured, while the model's levels are unknown, in case it has none at R: only for
+    R = 8 (SDXL-like models stop at factor 4; every SD-family UNet has attention at 4)."""
+    return MAX_FACTOR // 2 if mask_factor == MAX_FACTOR else None
+
+
+def used_factors(factors: Sequence[int], levels: Sequence[int], mask_factor: int) -> tuple[int, ...]:
+    """The captured factors: R, 2R, … that the model has, else its coarsest level below R when that
+    is the fallback level (pooled to the R grid), else none."""
+    used = tuple(f for f in factors if f in levels)
+    if used:
+        return used
+    fallback = fallback_factor(mask_factor)
+    return (fallback,) if fallback in levels else ()
 
 
 def _take(maps, rows: list[int]):
