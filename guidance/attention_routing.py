@@ -141,6 +141,7 @@ class AttentionRouter:
         self._budget: int | None = None
         self.stopped = False
         self.nonfinite: torch.Tensor | None = None  # device flag: a regulated output was not finite
+        self.calls = 0  # UNet calls begun (counted on the Python side)
 
     # -- set-up -----------------------------------------------------------------------------------
     def routed_layers(self, keys: Iterable[LayerKey]) -> set[LayerKey]:
@@ -186,6 +187,7 @@ class AttentionRouter:
     def begin_call(self, rows: CallRows) -> None:
         """Once before every UNet call, with the rows of that call."""
         self.rows = rows
+        self.calls += 1
         self._sizes = {}
         self._budget = None
         if self.stopped:

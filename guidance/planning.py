@@ -78,10 +78,16 @@ class PlannedRun:
     # per image, the concepts found in its rows when the user gave no list, each with the steps it
     # holds when not all of them ("cat (steps 12–20)"): shown in the infotext
     detected_concepts: list[list[str]] = field(default_factory=list)
+    hires: bool = False  # the run is a hires-fix pass
 
     @property
     def acting(self) -> bool:
         return bool(self.run.extra_rows or self.run.region_scale is not None or self.router is not None)
+
+    @property
+    def sampled(self) -> bool:
+        """Whether the run reached the sampler: a step was guided or a UNet call was routed."""
+        return self.run.steps_seen > 0 or getattr(self.router, "calls", 0) > 0
 
     def acted_summary(self) -> str:
         """What each method that was on did in the run, from the counters the run objects keep on
@@ -158,7 +164,8 @@ def plan_run(
     detected = []
     if not split_phrases(settings.concepts) and any(t.concepts for t in timelines):
         detected = [timeline.describe(steps.calls) for timeline in timelines]
-    return PlannedRun(run=run, router=router, notes=notes, detected_concepts=detected)
+    hires = steps.hires_steps is not None
+    return PlannedRun(run=run, router=router, notes=notes, detected_concepts=detected, hires=hires)
 
 
 def _concept_plan(settings: Settings, wants: set[str], segments, notes: list[str]) -> list[ConceptTimeline]:

@@ -88,13 +88,15 @@ def _host_note(engine, values: dict, size: int) -> str:
     p = Processing(engine, [PROMPT], [3], steps=2, width=size, height=size)
     state = attach_state(p, build_settings(values))
     adapter = ForgeAdapter()
+    finish = adapter.finish
 
-    def finish(p):
+    def finish_and_record(p):
         if state.active is not None:
             record_acted(p, state.active.patches.planned)
-        adapter.finish(p)
+        finish(p)
 
-    generate(p, (lambda p: adapter.prepare(p, state),), (finish,))
+    adapter.finish = finish_and_record  # prepare's own call of finish takes it too
+    generate(p, (lambda p: adapter.prepare(p, state),), (adapter.finish,))
     assert not state.failed, p.extra_generation_params
     return p.extra_generation_params.get(NOTE_KEY, "")
 

@@ -75,16 +75,17 @@ def record_plan(p, planned) -> None:
 
 def record_acted(p, planned) -> None:
     """After a sampler run (the adapter's finish): the notes its methods made during the run, and
-    what each method did (`PlannedRun.acted_summary`) under one infotext key; the hires pass's
-    summary is appended as "; hires: …"."""
+    what each method did (`PlannedRun.acted_summary`) under one infotext key; a hires pass's summary
+    is appended as "; hires: …". A run that never sampled (the hires pass's hook runs twice in
+    Forge) adds no summary."""
     for note in planned.run.take_notes():
         report(p, note)
-    summary = planned.acted_summary()
     extra = getattr(p, "extra_generation_params", None)
-    if extra is None or not summary:
+    if extra is None or not planned.sampled:
         return
-    if getattr(p, "is_hr_pass", False) and extra.get(ACTED_KEY):
-        summary = f"{extra[ACTED_KEY]}; hires: {summary}"
+    summary = planned.acted_summary()
+    if planned.hires:
+        summary = f"{extra[ACTED_KEY]}; hires: {summary}" if extra.get(ACTED_KEY) else f"hires: {summary}"
     extra[ACTED_KEY] = summary
 
 

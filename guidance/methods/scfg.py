@@ -169,6 +169,7 @@ class RegionScales:
         self._seen: set[int] = set()
         self._used: tuple[int, ...] = self.factors
         self._fallback: dict[tuple[int, str], _Accumulator] = {}
+        self._fallback_blocks = 0
         self.blocks_captured = 0  # "acted" counters, counted on the Python side
         self.rate_steps: set[int] = set()
 
@@ -228,6 +229,7 @@ class RegionScales:
                 f"R = {self.mask_factor} masks are pooled from its coarsest maps (factor {self._used[0]})."
             )
             self._acc.update(self._fallback)
+            self.blocks_captured += self._fallback_blocks
         self._fallback.clear()
 
     # -- capture sink -----------------------------------------------------------------------------
@@ -274,6 +276,10 @@ class RegionScales:
         if paired is None or paired[1] != rows:
             return
         self_attention = paired[0]
+        if self.levels is None and factor not in self.factors:
+            self._fallback_blocks += 1  # counted only if the fallback is taken
+        else:
+            self.blocks_captured += 1
         grid = self.grid_size()
         for half in (UNCOND, COND):
             picked = [j for j, (_, h) in enumerate(rows) if h == half]
@@ -292,7 +298,6 @@ class RegionScales:
         the fallback factor, while the levels are not known, goes to the fallback sums."""
         speculative = self.levels is None and factor not in self.factors
         sums = self._fallback if speculative else self._acc
-        self.blocks_captured += not speculative
         for j, image in enumerate(images):
             acc = sums.setdefault((image, half), _Accumulator())
             acc.total = normalized[j] if acc.total is None else acc.total + normalized[j]
