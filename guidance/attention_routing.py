@@ -103,7 +103,8 @@ def regulation_layer_keys(choice: str, cross_keys: Iterable[LayerKey]) -> set[La
     down level with attention is such a run, levels are separated by downsampling blocks without
     attention): SD1/SD2 input 7, 8; SDXL input 7, 8. "first up": the first (run length + 1) output
     blocks with attention (an up level has one block more than its down level): SD1/SD2 output
-    3, 4, 5; SDXL output 0, 1, 2. Every transformer of the chosen blocks is included."""
+    3, 4, 5; SDXL output 0, 1, 2. Every transformer of the chosen blocks is included (SDXL: 10 per
+    block); `regulation_bias_leaders` says which of them optimise."""
     cross = {key for key in cross_keys if key.kind == "cross"}
     if choice == "all cross-attention":
         return cross
@@ -119,6 +120,20 @@ def regulation_layer_keys(choice: str, cross_keys: Iterable[LayerKey]) -> set[La
     if choice not in ("last down + first up", "last down", "first up"):
         raise ValueError(f"unknown regulation layer choice {choice!r}")
     return chosen
+
+
+def regulation_bias_leaders(choice: str, chosen: Iterable[LayerKey]) -> dict[LayerKey, LayerKey]:
+    """Per chosen layer, the layer whose optimised bias it applies: for the block choices the first
+    chosen transformer of its block (one per block on SD1/SD2, the paper's setting; SDXL's chosen
+    blocks hold 10 each, optimising all would be ~10× the paper's work per step); for "all
+    cross-attention", itself (every layer optimised)."""
+    chosen = sorted(chosen)
+    if choice == "all cross-attention":
+        return {key: key for key in chosen}
+    leaders: dict[tuple[str, int], LayerKey] = {}
+    for key in chosen:  # sorted: the lowest transformer index of a block comes first
+        leaders.setdefault((key.section, key.block), key)
+    return {key: leaders[(key.section, key.block)] for key in chosen}
 
 
 class AttentionRouter:
@@ -154,6 +169,7 @@ class AttentionRouter:
             routed |= keys
         if self.regulator is not None:
             self.regulated = regulation_layer_keys(self.regulator.layers, keys)
+            self.regulator.leaders = regulation_bias_leaders(self.regulator.layers, self.regulated)
             routed |= self.regulated
         return routed
 

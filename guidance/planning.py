@@ -103,9 +103,18 @@ class PlannedRun:
             parts.append(f"S-CFG {blocks} blocks, {steps} steps" if blocks and steps else "S-CFG did not act")
         regulator = getattr(self.router, "regulator", None)
         if regulator is not None:
-            steps, layers = len(regulator.steps_optimised), len(regulator.layers_optimised)
-            parts.append(f"regulation {steps} steps × {layers} layers" if steps else "regulation did not act")
+            parts.append(_regulation_summary(regulator))
         return "; ".join(parts)
+
+
+def _regulation_summary(regulator) -> str:
+    """ "regulation 10 steps × 5 layers" (+ the layers that applied their block leader's bias)."""
+    steps, layers = len(regulator.steps_optimised), len(regulator.layers_optimised)
+    if not steps:
+        return "regulation did not act"
+    shared = len(regulator.layers_shared)
+    sharing = f" (+{shared} sharing their block's bias)" if shared else ""
+    return f"regulation {steps} steps × {layers} layers{sharing}"
 
 
 def _timelines(settings: Settings, segments, notes: list[str]) -> list[ConceptTimeline] | None:

@@ -66,6 +66,15 @@ def test_every_method_counts_what_it_did(engines):
     assert planned.router.regulator.iterations_run == 2 * 5 * 2  # steps × layers × iterations
 
 
+def test_sdxl_regulation_optimises_one_layer_per_block(engines):
+    p, (planned,) = _generate(engines["tiny_sdxl"], REGULATION)
+    # input 7, 8 and output 0, 1, 2 hold 3 transformers each in tiny_sdxl: the first optimises,
+    # the other two apply its bias; 2 of 4 steps (end 0.5)
+    expected = "regulation 2 steps × 5 layers (+10 sharing their block's bias)"
+    assert p.extra_generation_params[ACTED_KEY] == expected
+    assert planned.router.regulator.iterations_run == 2 * 5 * 2
+
+
 def test_a_method_that_was_on_but_did_nothing_says_so(engines):
     # 64 px: every regulated map is 2×2; S-CFG from 0.9 of 4 steps: step 4, after the run's end
     values = dict(scfg_enable=True, scfg_start=0.9, **REGULATION)

@@ -223,7 +223,11 @@ class AttentionRegulator:
         # optimisations × iterations run (the cost)
         self.steps_optimised: set[int] = set()
         self.layers_optimised: set = set()
+        self.layers_shared: set = set()  # layers that applied their block leader's bias
         self.iterations_run = 0
+        # layer -> the layer whose bias of the same step it applies instead of optimising its own
+        # (set by the router from the layer choice: later transformers of a chosen SDXL block)
+        self.leaders: dict = {}
 
     @classmethod
     def from_settings(
@@ -288,6 +292,30 @@ class AttentionRegulator:
             return given.to(device=device, dtype=torch.float32)
         return torch.rand(shape, generator=self._generator(image, torch.device(device)), device=device)
 
+    def _shared_probabilities(self, layer, scores, probs, images: Sequence[int], heads: int, step: int):
+        """A follower layer (`leaders`) applies the blended bias its leader found at this step to its
+        own scores, without optimising; None when the leader has no bias of this step and shape for
+        every image with targets (then the layer optimises its own)."""
+        leader = self.leaders.get(layer, layer)
+        if leader == layer:
+            return None
+        pieces = []
+        for slot, image in enumerate(images):
+            rows, targets = slice(slot * heads, (slot + 1) * heads), self.targets[image]
+            if not targets:
+                pieces.append(probs[rows])
+                continue
+            state = self._state.get((leader, image))
+            if state is None or state.step != step or state.best.shape != (heads, scores.shape[1], len(targets)):
+                return None
+            blended = self.previous_weight * state.previous + (1 - self.previous_weight) * state.best
+            edited = edited_scores(scores[rows], targets, self.decay**step * blended)
+            pieces.append(edited_probabilities(edited, scores[rows], self.restore[image]))
+            if self.record is not None:
+                self.record[(layer, image)] = {"probs": pieces[-1], "shared_from": leader}
+        self.layers_shared.add(layer)
+        return torch.cat(pieces)
+
     def _count(self, layer, step: int) -> None:
         """One layer optimised at `step` (per image group; counted, never read from the device)."""
         self.steps_optimised.add(step)
@@ -330,6 +358,9 @@ class AttentionRegulator:
         probs = scores.softmax(dim=-1)
         if basis.shape[0] == 0:
             return probs
+        shared = self._shared_probabilities(layer, scores, probs, images, heads, step)
+        if shared is not None:
+            return shared
         groups: dict[int, list[int]] = {}
         for slot, image in enumerate(images):
             if self.targets[image]:
