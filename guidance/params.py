@@ -276,8 +276,9 @@ PRESETS: Mapping[str, Mapping[str, Mapping[str, Any]]] = {
     # the detected concepts (one row each, plus the abstract one) and S-CFG
     "Balanced": {"all": {"concepts_enable": True, "scfg_enable": True}},
     # Balanced plus attention regulation of the concepts. SDXL's last down and first up blocks
-    # hold 10 transformers each (50 regulated layers against SD1.5's 5): the last down block
-    # (20 layers) at half the iterations
+    # hold 10 transformers each (50 regulated layers against SD1.5's 5; the first of each block
+    # optimises, the others apply its bias): the last down block (2 optimised, 18 applying) at
+    # half the iterations
     "Strong": {
         "all": {"concepts_enable": True, "scfg_enable": True, "regulation_enable": True},
         "sdxl": {"regulation_layers": "last down", "regulation_iterations": 10},
@@ -367,8 +368,9 @@ _PARAM_LIST = [
        "The rate also stays at or below cap / CFG scale, so no region exceeds this CFG "
        "(authors: 15).", 1.0, 100.0, 0.5),
     _p("scfg_mask_factor", "Mask resolution factor R", "int", 4, "scfg", "S-CFG R",
-       "Regions are computed at latent size / R from the attention layers at R and 2R "
-       "(authors: 4). A power of two.", 1, 8, 1),
+       "Regions are computed at latent size / R from the attention layers at R and coarser "
+       "(authors: 4). A power of two. SD1.5 has attention at 1, 2, 4 and 8; SDXL only at 2 and 4, "
+       "so R = 8 there pools its factor-4 maps to the R = 8 grid (noted).", 1, 8, 1),
     _p("scfg_start", "S-CFG start", "float", 0.0, "scfg", "S-CFG start",
        "Fraction of the run where region scales begin.", 0.0, 1.0, 0.01),
     _p("scfg_end", "S-CFG end", "float", 1.0, "scfg", "S-CFG end",
@@ -382,7 +384,10 @@ _PARAM_LIST = [
        xyz=True, max_length=MAX_PHRASE_LIST_CHARS, check=_check_phrase_list, advanced=False),
     _p("regulation_layers", "Regulation layers", "choice", REGULATION_LAYER_CHOICES[0], "regulation",
        "regulation layers",
-       "Cross-attention layers to regulate (paper: the last down block and the first up block).",
+       "Cross-attention layers to regulate (paper: the last down block and the first up block). "
+       "SD1.5: one layer per block, 5 in all. SDXL: 10 per block, the first of each block is "
+       "optimised and the others apply its bias (5 optimised of 50). 'all cross-attention' "
+       "optimises every layer (SDXL: 70, slow). Maps under 3×3 (64 px images on these blocks) are left alone, noted.",
        choices=REGULATION_LAYER_CHOICES, xyz=True),
     _p("regulation_end", "Regulation end", "float", 0.5, "regulation", "regulation end",
        "Fraction of the run after which attention is left alone (paper: 25 of 50 steps).",
