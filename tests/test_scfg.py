@@ -86,3 +86,64 @@ def test_a_whole_run_with_the_capture_chunked_and_unformed_equals_the_formed_one
     for formed, chunked in zip(seen[2**40], seen[64 * 2**10], strict=True):
         for a, b in zip(formed, chunked, strict=True):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# the model's attention levels: R = 8 on a model without factor 8 (SDXL)
+
+
+def _feed_block(scales: RegionScales, block: int, side: int, factor: int, generator) -> None:
+    """Self- then cross-attention probabilities of one block (rows: image 0 uncond, cond)."""
+    rows = [(0, "uncond"), (0, "cond")]
+    if not scales.wants(factor):
+        return
+    sa = torch.rand(2, side * side, side * side, generator=generator).softmax(-1)
+    ca = torch.rand(2, side * side, 77, generator=generator).softmax(-1)
+    scales.record(LayerKey("input", block, 0, "self"), sa, (side, side), factor, rows)
+    scales.record(LayerKey("input", block, 0, "cross"), ca, (side, side), factor, rows)
+
+
+def _rate_after(scales: RegionScales, factors_and_sides, latent: int = 16) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    scales.begin_call(CallRows(0, 1, (latent, latent), uncond=(0,), cond=(1,)))
+    for block, (factor, side) in enumerate(factors_and_sides):
+        _feed_block(scales, block, side, factor, generator)
+    direction = torch.randn(4, latent, latent, generator=torch.Generator().manual_seed(1))
+    return scales.rate(ImageStep(0, 0, 1, 7.0, eps_uncond=torch.zeros_like(direction), direction=direction))
+
+
+def test_r8_without_factor_8_pools_the_coarsest_level_with_a_note():
+    scales = RegionScales(1, mask_factor=8)
+    rate = _rate_after(scales, [(2, 8), (4, 4), (4, 4)])  # SDXL-like: factors 2 and 4 only
+    assert scales.levels == (2, 4) and scales._used == (4,)
+    assert rate.shape == (1, 16, 16) and scales.blocks_captured == 2 and scales.rate_steps == {0}
+    assert scales.notes == [
+        "S-CFG: this model has no attention at R = 8 (its levels: 2, 4); the R = 8 masks are pooled from its "
+        "coarsest maps (factor 4)."
+    ]
+
+
+def test_r8_with_factor_8_discards_the_speculative_capture():
+    # SD1.5-like: the first call also captures factor 4 until the levels are known; that capture
+    # must not change the rate, which comes from the factor-8 block alone
+    first = RegionScales(1, mask_factor=8)
+    rate = _rate_after(first, [(4, 4), (8, 2)])
+    known = RegionScales(1, mask_factor=8)
+    known.levels, known._used = (4, 8), (8,)
+    generator = torch.Generator().manual_seed(0)
+    torch.rand(2, 16, 16, generator=generator), torch.rand(2, 16, 77, generator=generator)  # the factor-4 draws
+    known.begin_call(CallRows(0, 1, (16, 16), uncond=(0,), cond=(1,)))
+    _feed_block(known, 1, 2, 8, generator)
+    direction = torch.randn(4, 16, 16, generator=torch.Generator().manual_seed(1))
+    expected = known.rate(ImageStep(0, 0, 1, 7.0, eps_uncond=torch.zeros_like(direction), direction=direction))
+    torch.testing.assert_close(rate, expected)
+    assert first.blocks_captured == 1 and first.notes == [] and not first._fallback
+
+
+def test_no_level_at_r_or_coarser_is_noted():
+    scales = RegionScales(1, mask_factor=8)
+    rate = _rate_after(scales, [(1, 16), (2, 8)])
+    assert rate.shape == (1, 1, 1) and float(rate) == 1.0 and scales.blocks_captured == 0
+    assert scales.notes == [
+        "S-CFG: this model has no attention at R = 8 or coarser (its levels: 1, 2); it does not act."
+    ]
