@@ -15,7 +15,8 @@ import torch
 
 from tests.a1111_host import A1111StandIn, a1111_modules
 
-SIZE = dict(width=64, height=64, steps=4, cfg_scale=7.0)
+# 128 px: regulation acts (its layers need 3×3 maps at least; at 64 px they are 2×2)
+SIZE = dict(width=128, height=128, steps=4, cfg_scale=7.0)
 PROMPTS = ["a red book and a gold clock", "a red book on a wooden table"]
 METHODS = {
     "concepts": dict(enable=True, concepts_enable=True, concepts="red book", concept_warmup=0.0),
