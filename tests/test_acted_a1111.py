@@ -1,0 +1,39 @@
+"""The "acted" summary through the A1111 stand-in (its own module: the Forge stand-in's `modules`
+and A1111's cannot be loaded at once), with `record_acted` called in the adapter's finish as the lead
+wires it, hires fix on."""
+
+from __future__ import annotations
+
+import pytest
+
+from guidance.hosts.common import ACTED_KEY, record_acted
+from tests.a1111_host import A1111StandIn, a1111_modules
+
+PROMPT = "a photo of a red cat on a wooden table"
+
+
+@pytest.fixture(scope="module")
+def a1111_host(tiny_unet):
+    with a1111_modules():
+        yield A1111StandIn(tiny_unet)
+
+
+def test_the_a1111_adapter_records_both_passes(a1111_host, monkeypatch):
+    from guidance.hosts import a1111
+    from guidance.hosts.common import state_of
+
+    finish = a1111.A1111Adapter.finish
+
+    def finish_and_record(self, p):  # as the lead wires it: before the run's state is dropped
+        active = getattr(state_of(p), "active", None)
+        if active is not None:
+            record_acted(p, active.planned)
+        finish(self, p)
+
+    monkeypatch.setattr(a1111.A1111Adapter, "finish", finish_and_record)
+    args = a1111_host.args(enable=True, scfg_enable=True, apply_hires=True)
+    fields = dict(width=64, height=64, steps=4, cfg_scale=7.0, enable_hr=True, hr_second_pass_steps=2)
+    processed = a1111_host.generate(args=args, prompt=PROMPT, **fields)
+    assert processed.errors == []
+    # SD1.5 at R = 4: 6 blocks per call, one call per step; 4 steps, then 2 hires steps
+    assert processed.p.extra_generation_params[ACTED_KEY] == "S-CFG 24 blocks, 4 steps; hires: S-CFG 12 blocks, 2 steps"
