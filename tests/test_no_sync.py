@@ -196,5 +196,8 @@ def test_forge_generation_has_no_sync_in_the_per_step_hooks(forge, case):
     with SyncRecorder() as recorder:
         _, p = run(forge, build_settings(values), prompts=(PROMPT, "a red cat in a garden"))
     assert not state_of(p).failed, p.extra_generation_params
-    found = [entry for entry in recorder.found if f"in {FORGE_KNOWN[1]}:" not in entry]
+    known = [entry for entry in recorder.found if f"in {FORGE_KNOWN[1]}:" in entry]
+    found = [entry for entry in recorder.found if entry not in known]
     assert found == [], "\n".join(found)
+    # a stale entry: once the lead builds cond_mark once per run, delete FORGE_KNOWN
+    assert bool(known) == (case in ("concepts", "sega", "all"))
