@@ -156,7 +156,12 @@ class A1111Adapter:
         denoiser.combine_denoised = active.our_combine = self._combine_for(active)
         # the UNet wrapper counts each call's rows (skipped uncond shows as a short batch) and tells
         # the attention router, when there is one, which rows a call holds
-        active.routing = UNetRouting(planned.router, p.sd_model.model.diffusion_model, self._rows_for(active))
+        active.routing = UNetRouting(
+            planned.router,
+            p.sd_model.model.diffusion_model,
+            self._rows_for(active),
+            on_error=lambda note: report(p, note),
+        )
 
     def finish(self, p) -> None:
         state = state_of(p)
@@ -298,6 +303,7 @@ class A1111Adapter:
             try:
                 inputs = self._step_inputs(active, x_out, conds_list, cond_scale)
                 guided = active.planned.run.step(inputs)
+                self._report_notes(active)
                 active.combined = True
                 if active.previous_combine is None and _is_host_combine(type(denoiser).combine_denoised):
                     return guided
@@ -308,6 +314,12 @@ class A1111Adapter:
                 return previous(host_rows, conds_list, uncond, cond_scale)
 
         return combine_denoised
+
+    @staticmethod
+    def _report_notes(active: ActiveRun) -> None:
+        """What the methods noted during the step (e.g. S-CFG cannot act at CFG 0), once each."""
+        for note in active.planned.run.take_notes():
+            report(active.p, note)
 
     def _on_cfg_denoised(self, params) -> None:
         active = self._current
@@ -338,6 +350,7 @@ class A1111Adapter:
         scale = 1.0 if skipped else float(active.p.cfg_scale) * getattr(denoiser, "cond_scale_miltiplier", 1.0)
         inputs = self._step_inputs(active, x_out, conds_list, scale)
         delta = active.planned.run.step(inputs) - combine_cfg(inputs.uncond, inputs.cond, conds_list, scale)
+        self._report_notes(active)
         if getattr(denoiser, "mask", None) is not None and not getattr(denoiser, "mask_before_denoising", False):
             delta = delta * denoiser.nmask
         params.x = params.x + delta

@@ -13,6 +13,10 @@ from ..prompts import format_phrases
 STATE_ATTRIBUTE = "semantic_fidelity_state"
 NOTE_KEY = f"{INFOTEXT_PREFIX} note"
 DETECTED_KEY = f"{INFOTEXT_PREFIX} detected concepts"
+NONFINITE_NOTE = (
+    "attention regulation or S-CFG gave non-finite values (NaN/inf) at some layers; those values "
+    "were replaced by the host's plain attention and CFG."
+)
 
 
 @dataclass

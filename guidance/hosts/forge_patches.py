@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..engine import GuidanceError, StepInputs
+from .common import NONFINITE_NOTE
 
 COND, UNCOND = 0, 1
 MAX_TILING = 4  # Forge tiles token lengths into one call only up to 4x (ConditionCrossAttn.can_concat)
@@ -138,8 +139,16 @@ class ForgePatches:
             self.enabled = False
             self.armed = False
             if self.router is not None:
-                self.router.end()
+                self.router.stop()  # S-CFG stops too: no later step uses a partial capture
             self.on_error(error)
+
+    def finish(self) -> None:
+        """After the run: no call is current, and non-finite attention outputs the kernel replaced
+        (one device read per run, never per step) are reported once."""
+        if self.router is not None:
+            self.router.end()
+            if self.enabled and self.router.nonfinite_seen():
+                self.report(NONFINITE_NOTE)
 
     # -- installation ------------------------------------------------------------------------
     def install(self, unet) -> None:
@@ -423,4 +432,7 @@ class ForgePatches:
             extra_used=self.used if self.run.extra_rows else None,
         )
         self.extra_x0 = None
-        return self.run.step(inputs)
+        guided = self.run.step(inputs)
+        for note in self.run.take_notes():
+            self.report(note)
+        return guided
