@@ -409,6 +409,11 @@ _PARAM_LIST = [
        "What ticking only the header switch does: the preset's methods, its values on top. "
        "Ticking any method yourself means Custom: exactly what you ticked.",
        choices=PRESET_NAMES, xyz=True, advanced=False),
+    _p("apply_detailer", "Apply in other scripts' passes (ADetailer)", "bool", False, "general", "detailer passes",
+       "Also steer the inpainting passes that other scripts run with this script on, such as ADetailer's "
+       "(its setting 'only selected scripts' must then include semantic_fidelity). Concepts and regulation "
+       "targets are detected from that pass's own prompt.",
+       xyz=True, advanced=True),
 ]
 # fmt: on
 

@@ -150,3 +150,33 @@ def test_each_cfg_tool_composes_with_each_method(host, tool_name, method):
         assert attributes["combine_denoised"].__qualname__.startswith("make_tools")
     elif tool_name == "sampler subclass":
         assert "combine_denoised" not in attributes
+
+
+def _detailer_pass(host, args, prompt="a detailed face with blue eyes"):
+    """An inpainting pass the way ADetailer runs one: its own img2img processing object with our script's
+    arguments copied, marked `_ad_inner`, with the pass's own prompt."""
+    from modules import processing, scripts
+
+    init = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 2:6, 2:6] = 1
+    runner = scripts.ScriptRunner([host.script])
+    p = processing.StableDiffusionProcessingImg2Img(
+        scripts=runner, script_args=list(args), prompt=prompt, init_latent=init, mask=mask, **SIZE
+    )
+    p._ad_inner = True
+    processed = processing.process_images(p)
+    return torch.stack(processed.images), p, runner.errors + list(host.callbacks.reported)
+
+
+def test_detailer_passes_follow_their_switch(host):
+    """Off by default (the pass is the host's own, bit for bit); on, the methods act and detect their
+    concepts from the pass's own prompt, not from the list typed for the main image."""
+    plain, _, _ = _detailer_pass(host, host.default_args())
+    values = dict(enable=True, concepts_enable=True, concepts="red book; gold clock", concept_warmup=0.0)
+    off, p_off, errors = _detailer_pass(host, host.args(**values))
+    assert errors == [] and torch.equal(off, plain)
+    on, p_on, errors = _detailer_pass(host, host.args(apply_detailer=True, **values))
+    assert errors == [] and _differs(on, plain) > 1e-3
+    detected = p_on.extra_generation_params["Semantic Fidelity detected concepts"]
+    assert "face" in detected and "book" not in detected

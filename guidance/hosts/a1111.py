@@ -53,19 +53,25 @@ class ActiveRun:
     our_combine: object = None
     removed: bool = False
 
-    _sources: tuple | None = None  # (n_cond, device, index tensor), built once per run
+    used: tuple[bool, ...] = ()  # per extra row, whether the call in flight carries it (rows_used)
+    _sources: dict = field(default_factory=dict)  # (n_cond, device, used) → index tensor
 
     @property
     def extra_count(self) -> int:
-        return len(self.planned.run.extra_rows)
+        """Extra rows in the call in flight: only those a method reads at this step."""
+        return sum(self.used)
 
     def source_rows(self, n_cond: int, device) -> torch.Tensor:
-        """Each extra row's image, as its row in the uncond block: made once, not per step (a new
-        index tensor each step would be a host-to-device copy in the hot path)."""
-        if self._sources is None or self._sources[:2] != (n_cond, device):
-            rows = [n_cond + row.image for row in self.planned.run.extra_rows]
-            self._sources = (n_cond, device, torch.tensor(rows, device=device))
-        return self._sources[2]
+        """Each carried extra row's image, as its row in the uncond block: made once per pattern of
+        carried rows (they change at schedule boundaries only), not per step (a new index tensor each
+        step would be a host-to-device copy in the hot path)."""
+        key = (n_cond, device, self.used)
+        if key not in self._sources:
+            rows = [
+                n_cond + row.image for row, used in zip(self.planned.run.extra_rows, self.used, strict=True) if used
+            ]
+            self._sources[key] = torch.tensor(rows, device=device)
+        return self._sources[key]
 
 
 def decline_reason(p) -> str | None:
@@ -150,7 +156,12 @@ class A1111Adapter:
         denoiser.combine_denoised = active.our_combine = self._combine_for(active)
         # the UNet wrapper counts each call's rows (skipped uncond shows as a short batch) and tells
         # the attention router, when there is one, which rows a call holds
-        active.routing = UNetRouting(planned.router, p.sd_model.model.diffusion_model, self._rows_for(active))
+        active.routing = UNetRouting(
+            planned.router,
+            p.sd_model.model.diffusion_model,
+            self._rows_for(active),
+            on_error=lambda note: report(p, note),
+        )
 
     def finish(self, p) -> None:
         state = state_of(p)
@@ -210,11 +221,14 @@ class A1111Adapter:
             raise GuidanceError(f"unexpected batch layout: {n_cond} cond rows for {batch} images")
         x, sigma, image_cond = params.x, params.sigma, params.image_cond
         text_cond = params.text_cond
-        extra_rows = active.planned.run.extra_rows
-        if extra_rows:
+        run = active.planned.run
+        # cost follows the schedule: only the extra rows a method reads at this step go to the UNet
+        active.used = run.rows_used(denoiser.step, max(denoiser.total_steps, 1)) if run.extra_rows else ()
+        if active.extra_count:
             # each extra row copies its image's uncond-block row (the image's own latent)
             sources = active.source_rows(n_cond, x.device)
-            extra = conds_for_step(active.schedules, range(len(extra_rows)), denoiser.step)
+            carried = [index for index, used in enumerate(active.used) if used]
+            extra = conds_for_step(active.schedules, carried, denoiser.step)
             empty = getattr(denoiser.p.sd_model, "cond_stage_model_empty_prompt", None)
             text_cond = append_rows(text_cond, extra, empty)
             x = torch.cat([x[:n_cond], x[sources], x[n_cond:]])
@@ -270,6 +284,7 @@ class A1111Adapter:
             cfg_scale=cond_scale,
             space=active.space,
             uncond_skipped=active.next_row == active.n_cond + active.extra_count,
+            extra_used=active.used if active.used else None,
         )
 
     def _combine_for(self, active: ActiveRun):
@@ -288,6 +303,7 @@ class A1111Adapter:
             try:
                 inputs = self._step_inputs(active, x_out, conds_list, cond_scale)
                 guided = active.planned.run.step(inputs)
+                self._report_notes(active)
                 active.combined = True
                 if active.previous_combine is None and _is_host_combine(type(denoiser).combine_denoised):
                     return guided
@@ -298,6 +314,12 @@ class A1111Adapter:
                 return previous(host_rows, conds_list, uncond, cond_scale)
 
         return combine_denoised
+
+    @staticmethod
+    def _report_notes(active: ActiveRun) -> None:
+        """What the methods noted during the step (e.g. S-CFG cannot act at CFG 0), once each."""
+        for note in active.planned.run.take_notes():
+            report(active.p, note)
 
     def _on_cfg_denoised(self, params) -> None:
         active = self._current
@@ -328,6 +350,7 @@ class A1111Adapter:
         scale = 1.0 if skipped else float(active.p.cfg_scale) * getattr(denoiser, "cond_scale_miltiplier", 1.0)
         inputs = self._step_inputs(active, x_out, conds_list, scale)
         delta = active.planned.run.step(inputs) - combine_cfg(inputs.uncond, inputs.cond, conds_list, scale)
+        self._report_notes(active)
         if getattr(denoiser, "mask", None) is not None and not getattr(denoiser, "mask_before_denoising", False):
             delta = delta * denoiser.nmask
         params.x = params.x + delta

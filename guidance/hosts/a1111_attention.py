@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 
 from ..attention import attention
+from .common import NONFINITE_NOTE
 
 OPTIMIZATION_NAME = "Semantic Fidelity SDP"
 OPTIMIZATION_PRIORITY = -10  # below every builtin, so "Automatic" keeps choosing the host's own
@@ -85,12 +86,6 @@ def attention_failure_note(error: Exception) -> str:
         f"S-CFG / attention regulation stopped ({what}); the rest of this image uses the host's own "
         "attention for every layer."
     )
-
-
-NONFINITE_NOTE = (
-    "attention regulation or S-CFG gave non-finite values (NaN/inf) at some layers; those values "
-    "were replaced by the host's plain attention and CFG."
-)
 
 
 def print_note(note: str) -> None:

@@ -26,11 +26,13 @@ def step_inputs(
     cfg_scale: float,
     space: str = "x0",
     uncond_skipped: bool = False,
+    extra_used: tuple[bool, ...] | None = None,
 ) -> StepInputs:
     """Split one denoiser call's output rows into the engine's inputs.
 
     `x_in`/`sigma_in` are the rows the UNet was given (uncond rows possibly dropped on skipped
     steps); each image's latent and sigma are read from its first cond row, which every layout has.
+    `extra_count` rows follow the cond rows: the extra rows `extra_used` flags (all when None).
     """
     batch_size = len(conds_list)
     n_cond = x_out.shape[0] - extra_count - batch_size
@@ -49,4 +51,5 @@ def step_inputs(
         extra=x_out[n_cond : n_cond + extra_count] if extra_count else None,
         space=space,
         uncond_skipped=uncond_skipped,
+        extra_used=extra_used,
     )

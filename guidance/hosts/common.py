@@ -14,6 +14,10 @@ STATE_ATTRIBUTE = "semantic_fidelity_state"
 NOTE_KEY = f"{INFOTEXT_PREFIX} note"
 DETECTED_KEY = f"{INFOTEXT_PREFIX} detected concepts"
 ACTED_KEY = f"{INFOTEXT_PREFIX} acted"
+NONFINITE_NOTE = (
+    "attention regulation or S-CFG gave non-finite values (NaN/inf) at some layers; those values "
+    "were replaced by the host's plain attention and CFG."
+)
 
 
 @dataclass
@@ -99,8 +103,17 @@ def batch_images(p, prompts=None, seeds=None) -> list[ImageInfo]:
     return [ImageInfo(prompt=str(prompt), seed=int(seed)) for prompt, seed in zip(prompts, seeds, strict=False)]
 
 
+def is_detailer_pass(p) -> bool:
+    """A pass another script runs through its own processing object with our script on: ADetailer
+    marks its inpainting passes `_ad_inner`."""
+    return bool(getattr(p, "_ad_inner", False))
+
+
 def pass_is_wanted(p, settings: Settings) -> bool:
-    """The hires pass runs the methods only when 'Apply in the hires-fix pass' is on."""
+    """Base passes always; the hires pass with 'Apply in the hires-fix pass'; other scripts' passes
+    (ADetailer) with 'Apply in other scripts' passes'."""
+    if is_detailer_pass(p):
+        return settings.apply_detailer
     return settings.apply_hires or not getattr(p, "is_hr_pass", False)
 
 
@@ -114,4 +127,6 @@ def settings_for_pass(p, state: GenerationState, decline_reason) -> Settings | N
     if reason is not None:
         report(p, reason)
         return None
+    if is_detailer_pass(p):  # the pass's own prompt (a face, a hand) decides what is steered
+        return state.settings.replace(concepts="", regulation_targets="")
     return state.settings

@@ -157,9 +157,8 @@ class ForgeAdapter:
     def _remove(self, run: ForgeRun) -> None:
         if self._current is run:
             self._current = None
+        run.patches.finish()
         run.patches.enabled = False  # copies held by other extensions' clones act like the host
-        if run.patches.router is not None:
-            run.patches.router.end()
         objects = getattr(run.p.sd_model, "forge_objects", None)
         if objects is not None and objects.unet is run.clone:
             objects.unet = run.original

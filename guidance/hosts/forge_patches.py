@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..engine import GuidanceError, StepInputs
+from .common import NONFINITE_NOTE
 
 COND, UNCOND = 0, 1
 MAX_TILING = 4  # Forge tiles token lengths into one call only up to 4x (ConditionCrossAttn.can_concat)
@@ -119,15 +120,17 @@ class ForgePatches:
         self.total_steps = 1
         self.edit_strength = 1.0
         self.extra_x0: torch.Tensor | None = None
+        self.used: tuple[bool, ...] = (True,) * len(self.run.extra_rows)
         self.blocks = self._blocks()
 
     def _blocks(self) -> list[list[int | None]]:
-        """Extra rows arranged in blocks of B rows (one row per image), so that the call's
-        `cond_or_uncond` stays one label per B rows: block j, image i holds image i's j-th extra
-        row (an index into `run.extra_rows`), or None (filled with the image's own cond row)."""
+        """The carried extra rows (`used`) arranged in blocks of B rows (one row per image), so that the
+        call's `cond_or_uncond` stays one label per B rows: block j, image i holds image i's j-th
+        carried row (an index into `run.extra_rows`), or None (filled with the image's own cond row)."""
         per_image: list[list[int]] = [[] for _ in range(self.run.batch_size)]
         for index, row in enumerate(self.run.extra_rows):
-            per_image[row.image].append(index)
+            if self.used[index]:
+                per_image[row.image].append(index)
         count = max((len(rows) for rows in per_image), default=0)
         return [[rows[j] if j < len(rows) else None for rows in per_image] for j in range(count)]
 
@@ -136,8 +139,16 @@ class ForgePatches:
             self.enabled = False
             self.armed = False
             if self.router is not None:
-                self.router.end()
+                self.router.stop()  # S-CFG stops too: no later step uses a partial capture
             self.on_error(error)
+
+    def finish(self) -> None:
+        """After the run: no call is current, and non-finite attention outputs the kernel replaced
+        (one device read per run, never per step) are reported once."""
+        if self.router is not None:
+            self.router.end()
+            if self.enabled and self.router.nonfinite_seen():
+                self.report(NONFINITE_NOTE)
 
     # -- installation ------------------------------------------------------------------------
     def install(self, unet) -> None:
@@ -169,6 +180,11 @@ class ForgePatches:
             if x.shape[0] != self.run.batch_size:
                 raise GuidanceError(f"the run was set up for {self.run.batch_size} images, x has {x.shape[0]}")
             self.extra_x0 = None
+            if self.run.extra_rows:  # cost follows the schedule: only the rows a method reads now
+                used = self.run.rows_used(self.step, max(self.total_steps, 1))
+                if used != self.used:
+                    self.used, self.blocks = used, None
+                    self.blocks = self._blocks()
             options = dict(model_options)
             options["model_function_wrapper"] = self._wrapper_around(model_options.get("model_function_wrapper"))
             if self.wants_cfg:
@@ -218,13 +234,13 @@ class ForgePatches:
         return out[:rows]
 
     def _positions(self) -> list[tuple[int, int]]:
-        """(block, image) of every extra row, in `run.extra_rows` order."""
+        """(block, image) of every carried extra row, in `run.extra_rows` order."""
         where = {}
         for j, block in enumerate(self.blocks):
             for image, index in enumerate(block):
                 if index is not None:
                     where[index] = (j, image)
-        return [where[index] for index in range(len(self.run.extra_rows))]
+        return [where[index] for index in sorted(where)]
 
     def _extra_args(self, args) -> dict:
         """The wrapper arguments of a call that holds only the extra rows: the cond chunk's latents and
@@ -413,6 +429,10 @@ class ForgePatches:
             cfg_scale=float(args["cond_scale"]),
             extra=self.extra_x0,
             space="x0",
+            extra_used=self.used if self.run.extra_rows else None,
         )
         self.extra_x0 = None
-        return self.run.step(inputs)
+        guided = self.run.step(inputs)
+        for note in self.run.take_notes():
+            self.report(note)
+        return guided

@@ -100,7 +100,7 @@ def test_one_component_per_param_in_order(tabs, params):
     from modules.ui_components import InputAccordion
 
     for tab in tabs.values():
-        assert len(tab.components) == len(params.PARAMS) == 35
+        assert len(tab.components) == len(params.PARAMS) == 36
         for index, (param, component) in enumerate(zip(params.PARAMS, tab.components, strict=True)):
             assert param.position == index
             if param.key == "enable":
@@ -256,7 +256,7 @@ def test_at_first_sight_a_few_controls(tab, params):
         "Target words",
     ]
     folded = [b for b in _all_blocks(accordion) if isinstance(b, gr.components.IOComponent) and b not in visible]
-    assert len(folded) == 23 + 4 * 7 + 1  # the 23 other params, the four edit slots, the hidden echo
+    assert len(folded) == 24 + 4 * 7 + 1  # the 24 other params, the four edit slots, the hidden echo
 
 
 def _all_blocks(block, into_closed: bool = True) -> list:
