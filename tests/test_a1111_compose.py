@@ -161,8 +161,9 @@ def _detailer_pass(host, args, prompt="a detailed face with blue eyes"):
     mask = torch.zeros(1, 1, 8, 8)
     mask[..., 2:6, 2:6] = 1
     runner = scripts.ScriptRunner([host.script])
+    size = dict(SIZE, width=64, height=64)  # the 8×8 init latent
     p = processing.StableDiffusionProcessingImg2Img(
-        scripts=runner, script_args=list(args), prompt=prompt, init_latent=init, mask=mask, **SIZE
+        scripts=runner, script_args=list(args), prompt=prompt, init_latent=init, mask=mask, **size
     )
     p._ad_inner = True
     processed = processing.process_images(p)
