@@ -237,7 +237,10 @@ class AttentionRouter:
         if not (self._capture or self._regulate):
             return attention(q, k, v, heads, upcast)
         size = self._size(q.shape[1])
-        if size is None or (self._capture_rows and self._capture_rows[-1] >= q.shape[0]):
+        if size is None:
+            self._note_unmatched(key)
+            return attention(q, k, v, heads, upcast)
+        if self._capture_rows and self._capture_rows[-1] >= q.shape[0]:
             return attention(q, k, v, heads, upcast)
         h, w, factor = size
         capture = self._capture and self.region_scales.wants(factor) and bool(self._capture_rows)
@@ -259,6 +262,15 @@ class AttentionRouter:
             probs = self._captured(key, q, k, heads, regulated_probs)
             self.region_scales.record(key, probs, (h, w), factor, self._capture_meta)
         return out
+
+    def _note_unmatched(self, key: LayerKey) -> None:
+        """One note per method that wanted a layer whose positions match no downsampling of the
+        latent (another extension reshapes the attention, e.g. ToMe or Hypertile)."""
+        why = "some attention layers' maps match no level of the latent (an extension such as ToMe or Hypertile "
+        if self._capture:
+            self.region_scales.note(f"S-CFG: {why}reshapes them); they are not captured.")
+        if self._regulate and key.kind == "cross" and key in self.regulated:
+            self.regulator.note(f"Attention regulation: {why}reshapes them); they are not regulated.")
 
     def _captured(self, key: LayerKey, q, k, heads: int, regulated_probs: dict[int, torch.Tensor]):
         """The head-averaged probabilities of the capture rows, within the capture budget: the

@@ -7,6 +7,7 @@ import pytest
 import torch
 from ldm.modules.attention import CrossAttention
 
+from guidance.attention import attention
 from guidance.attention_routing import AttentionRouter, CallRows, LayerKey, map_size, regulation_layer_keys
 from guidance.methods.attention_regulation import AttentionRegulator
 from guidance.methods.scfg import RegionScales
@@ -239,3 +240,20 @@ def test_router_fast_paths_without_work():
 
     torch.testing.assert_close(router.forward(LayerKey("input", 1, 0, "self"), q, k, v, 2), attention(q, k, v, 2))
     assert not AttentionRouter().active(0, 10)
+
+
+def test_a_layer_matching_no_level_of_the_latent_is_noted_once_per_method():
+    region_scales = RegionScales(batch_size=1)
+    regulator = AttentionRegulator(targets=[[5]], seeds=[0], end=1.0, iterations=2)
+    router = AttentionRouter(region_scales=region_scales, regulator=regulator)
+    key = LayerKey("input", 7, 0, "cross")
+    router.routed_layers([key, LayerKey("input", 7, 0, "self")])
+    router.begin_call(CallRows(0, 2, (16, 16), uncond=(0,), cond=(1,)))
+    q = torch.randn(2, 50, 32)  # 50 positions: no ceil-halving of 16×16 (e.g. a merged-token layer)
+    k = v = torch.randn(2, 77, 32)
+    for _ in range(2):
+        out = router.forward(key, q, k, v, 2)
+        torch.testing.assert_close(out, attention(q, k, v, 2))
+    assert [len(region_scales.notes), len(regulator.notes)] == [1, 1]
+    assert region_scales.notes[0].startswith("S-CFG: some attention layers' maps match no level of the latent")
+    assert regulator.notes[0].endswith("they are not regulated.")

@@ -338,6 +338,10 @@ class AttentionRegulator:
         if message not in self.notes:
             self.notes.append(message)
 
+    def note(self, message: str) -> None:
+        """A note from the router (e.g. layers whose maps match no level of the latent), once."""
+        self._note(message)
+
     def remember(self, layer, image: int, step: int, best: torch.Tensor) -> None:
         """Sets a layer's raw best bias (heads, N, n_t) of an earlier step (restoring state)."""
         self._state[(layer, image)] = _LayerState(step, best, best)

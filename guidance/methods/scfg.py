@@ -202,6 +202,10 @@ class RegionScales:
         if message not in self.notes:
             self.notes.append(message)
 
+    def note(self, message: str) -> None:
+        """A note from the router (e.g. layers whose maps match no level of the latent), once."""
+        self._note(message)
+
     def wants(self, factor: int) -> bool:
         """Whether blocks at downsampling factor r = H_latent/h are captured (the router asks for
         every layer of a capture call, so the levels the model has are learnt here)."""
@@ -315,11 +319,6 @@ class RegionScales:
             scale = f"{image_step.cfg_scale:g}"
             self._note(f"S-CFG: at CFG scale {scale} there is no CFG direction to scale; it does not act.")
         if cond is None or uncond is None or self._step != image_step.step or image_step.cfg_scale <= 0:
-            if image_step.cfg_scale > 0 and self._used:
-                self._note(
-                    "S-CFG: no attention maps were captured at some steps (another extension may reshape the "
-                    "attention, e.g. ToMe or Hypertile); plain CFG at those steps."
-                )
             return torch.ones((1, 1, 1), dtype=direction.dtype, device=direction.device)
         token_maps, fore_maps = cond.total / cond.count, uncond.total / uncond.count
         self.rate_steps.add(image_step.step)
