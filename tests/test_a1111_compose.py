@@ -181,3 +181,38 @@ def test_detailer_passes_follow_their_switch(host):
     assert errors == [] and _differs(on, plain) > 1e-3
     detected = p_on.extra_generation_params["Semantic Fidelity detected concepts"]
     assert "face" in detected and "book" not in detected
+
+
+def test_the_refiner_switch_stops_the_methods_with_a_note(host, tiny_unet):
+    """A1111's refiner switch replaces the model mid-run (pitfall 3): the methods act before it, stop at
+    it with one note, and leave nothing patched on either model."""
+    from modules import processing, scripts, shared
+    from modules.sd_models import make_sd_model
+
+    from tests.testbed.unet import make_unet
+
+    base = shared.sd_model
+    refiner = make_sd_model(make_unet("tiny", seed=9))
+
+    def run(args):
+        shared.sd_model = base
+        runner = scripts.ScriptRunner([host.script])
+        p = processing.StableDiffusionProcessingTxt2Img(
+            scripts=runner, script_args=args, prompt=PROMPTS[0], steps=6, width=64, height=64, cfg_scale=7.0
+        )
+        p.refiner_model, p.refiner_switch_at = refiner, 0.5
+        try:
+            processed = processing.process_images(p)
+        finally:
+            shared.sd_model = base
+        return torch.stack(processed.images), p, runner.errors + list(host.callbacks.reported)
+
+    plain, _, _ = run(host.default_args())
+    guided, p, errors = run(host.args(**METHODS["scfg"], **{"sega_enable": True, "sega_edits": "+ hat : 5"}))
+    assert errors == [] and _differs(guided, plain) > 1e-3
+    assert p.extra_generation_params[NOTE] == (
+        "the refiner took over at step 5 of 6; Semantic Fidelity steered the steps before it only "
+        "(its extra prompts and attention routing belong to the first model)."
+    )
+    assert host.leftover_patches() == [] and "forward" not in refiner.model.diffusion_model.__dict__
+    assert "combine_denoised" not in p.sampler.model_wrap_cfg.__dict__

@@ -271,3 +271,31 @@ def test_prompts_of_six_chunks_keep_every_method(method, monkeypatch):
     assert (1, 6 * 77) in rows and (1, 77) in rows  # Forge's own split: the cond and uncond calls
     # per step Forge's cond call (462 tokens) and uncond call (77), plus one call of the extra rows
     assert len(rows) == (3 if method in ("concepts", "sega") else 2) * p.steps
+
+
+def test_the_refiner_switch_is_reported():
+    """Forge's refiner switch loads another model mid-run and calls no script hook: the steps before it
+    are steered, the note says where it stopped, and the first model is left unpatched."""
+    refiner = ForgeDiffusionEngine(seed=4)
+
+    def run(method):
+        p = Processing(ENGINE, [PROMPTS[0]], [3], steps=6, refiner_model=refiner, refiner_switch_at=0.5)
+        adapter = ForgeAdapter()
+        hooks, post = (), ()
+        if method:
+            state = attach_state(p, build_settings(METHODS[method]))
+            hooks, post = (lambda p: adapter.prepare(p, state),), (adapter.finish,)
+        original = ENGINE.forge_objects_after_applying_lora.unet
+        latent = generate(p, hooks, post)
+        assert ENGINE.forge_objects.unet is original and refiner.forge_objects.unet.model_options == {
+            "transformer_options": {}
+        }
+        return latent, p
+
+    plain, _ = run(None)
+    guided, p = run("scfg")
+    assert (guided - plain).abs().mean() > 1e-3
+    assert p.extra_generation_params[NOTE_KEY] == (
+        "the refiner took over at step 5 of 6; Semantic Fidelity steered the steps before it only "
+        "(its extra prompts and attention routing belong to the first model)."
+    )

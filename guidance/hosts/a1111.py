@@ -26,7 +26,7 @@ from ..prompt_model import Tokenizer
 from .a1111_attention import UNetRouting
 from .a1111_conds import append_rows, conds_for_step, encode_extra_prompts
 from .a1111_rows import step_inputs
-from .common import batch_images, console, record_plan, report, settings_for_pass, state_of
+from .common import REFINER_NOTE, batch_images, console, record_plan, report, settings_for_pass, state_of
 
 
 @dataclass
@@ -37,6 +37,7 @@ class ActiveRun:
     denoiser: object
     planned: PlannedRun
     space: str
+    model: object = None  # the model the run was prepared for (the refiner switch replaces it)
     schedules: list = field(default_factory=list)  # per extra row (same order as run.extra_rows)
     routing: UNetRouting | None = None
     # set by on_cfg_denoiser for the denoiser call in flight
@@ -148,7 +149,7 @@ class A1111Adapter:
         if not planned.acting:
             return
         denoiser = p.sampler.model_wrap_cfg
-        active = ActiveRun(p=p, denoiser=denoiser, planned=planned, space=_prediction_space(denoiser))
+        active = ActiveRun(p=p, denoiser=denoiser, planned=planned, space=_prediction_space(denoiser), model=p.sd_model)
         if planned.run.extra_rows:
             active.schedules = encode_extra_prompts(p, [row.text for row in planned.run.extra_rows], self._cond_cache)
         state.active = self._current = active
@@ -205,6 +206,12 @@ class A1111Adapter:
     def _on_cfg_denoiser(self, params) -> None:
         active = self._active_for(params.denoiser)
         if active is None:
+            return
+        if active.p.sd_model is not active.model:
+            # the refiner switch (a1111.md pitfall 3): our rows and routed layers belong to the first model
+            step = params.denoiser.step
+            self.finish(active.p)
+            report(active.p, REFINER_NOTE.format(step=step + 1, total=params.denoiser.total_steps))
             return
         try:
             self._add_extra_rows(active, params)

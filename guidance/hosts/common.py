@@ -14,6 +14,10 @@ STATE_ATTRIBUTE = "semantic_fidelity_state"
 NOTE_KEY = f"{INFOTEXT_PREFIX} note"
 DETECTED_KEY = f"{INFOTEXT_PREFIX} detected concepts"
 ACTED_KEY = f"{INFOTEXT_PREFIX} acted"
+REFINER_NOTE = (
+    "the refiner took over at step {step} of {total}; Semantic Fidelity steered the steps before it only "
+    "(its extra prompts and attention routing belong to the first model)."
+)
 NONFINITE_NOTE = (
     "attention regulation or S-CFG gave non-finite values (NaN/inf) at some layers; those values "
     "were replaced by the host's plain attention and CFG."

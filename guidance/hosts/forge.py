@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from ..params import METHOD_SWITCHES
 from ..planning import plan_run, run_steps
 from ..prompt_model import Tokenizer
-from .common import batch_images, record_plan, report, settings_for_pass, state_of
+from .common import REFINER_NOTE, batch_images, record_plan, report, settings_for_pass, state_of
 from .forge_patches import ForgePatches
 
 UNCOND_METHODS = ("concepts", "sega", "scfg")  # they steer against the uncond prediction
@@ -27,6 +27,7 @@ class ForgeRun:
     original: object  # the UnetPatcher the pass started with
     clone: object  # ours, assigned to p.sd_model.forge_objects.unet
     patches: ForgePatches
+    model: object = None  # p.sd_model when prepared: the refiner switch replaces it without a new hook call
 
 
 def decline_reason(p) -> str | None:
@@ -143,7 +144,7 @@ class ForgeAdapter:
             planned, extra_conds, _step_source(p), lambda error: self._fail(p, error), lambda note: report(p, note)
         )
         patches.install(clone)
-        state.active = self._current = ForgeRun(p=p, original=original, clone=clone, patches=patches)
+        state.active = self._current = ForgeRun(p=p, original=original, clone=clone, patches=patches, model=p.sd_model)
         p.sd_model.forge_objects.unet = clone
 
     def finish(self, p) -> None:
@@ -152,6 +153,11 @@ class ForgeAdapter:
         if not isinstance(run, ForgeRun):
             return
         state.active = None
+        if run.model is not None and p.sd_model is not run.model and run.patches.enabled:
+            # Forge's refiner switch loads another model mid-run and calls no hook (forge.md §1.1): our
+            # functions stayed on the first model's patcher from then on
+            patches = run.patches
+            report(p, REFINER_NOTE.format(step=patches.step + 2, total=max(patches.total_steps, 1)))
         self._remove(run)
 
     def _remove(self, run: ForgeRun) -> None:
@@ -159,7 +165,7 @@ class ForgeAdapter:
             self._current = None
         run.patches.finish()
         run.patches.enabled = False  # copies held by other extensions' clones act like the host
-        objects = getattr(run.p.sd_model, "forge_objects", None)
+        objects = getattr(run.model or run.p.sd_model, "forge_objects", None)  # the model we patched
         if objects is not None and objects.unet is run.clone:
             objects.unet = run.original
 

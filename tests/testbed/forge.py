@@ -460,6 +460,9 @@ class CFGDenoiser:
         self.total_steps = 0
 
     def forward(self, x, sigma, uncond, cond, composition, cond_scale):
+        refiner = self.p.refiner_model  # apply_refiner: another model past the switch, no script hook
+        if refiner is not None and self.step / self.total_steps > self.p.refiner_switch_at:
+            self.p.sd_model = refiner
         if self.p.is_hr_pass:
             cond_scale = self.p.hr_cfg
         options = self.p.extra_model_options
@@ -495,6 +498,8 @@ class Processing:
     hr_uc: torch.Tensor | None = None
     zero_negative: bool = False  # Forge Neo's opts.sdxl_zero_neg
     extra_model_options: dict | None = None  # Forge Neo: the sampler's per-call model_options
+    refiner_model: object | None = None  # the refiner checkpoint's engine (apply_refiner)
+    refiner_switch_at: float = 1.0
 
     @property
     def prompt(self) -> str:

@@ -54,9 +54,23 @@ class CFGDenoiser(torch.nn.Module):
             return self.inner_model(x, sigma, cond={**c_crossattn, "c_concat": [image_cond]})
         return self.inner_model(x, sigma, cond={"c_crossattn": [c_crossattn], "c_concat": [image_cond]})
 
+    def apply_refiner(self) -> bool:
+        """sd_samplers_common.apply_refiner: past `p.refiner_switch_at` of the steps, the refiner
+        checkpoint (here `p.refiner_model`) becomes `shared.sd_model` and the inner model is rebuilt
+        from it (update_inner_model); the stand-in's refiner keeps the text encoder, so the conds stay."""
+        model = getattr(self.p, "refiner_model", None)
+        if model is None or self.step / self.total_steps <= self.p.refiner_switch_at or shared.sd_model is model:
+            return False
+        self.p.extra_generation_params["Refiner switch at"] = self.p.refiner_switch_at
+        shared.sd_model = model
+        self.sampler.model_wrap = None
+        return True
+
     def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):
         if shared.state.interrupted or shared.state.skipped:
             raise InterruptedError
+        if self.apply_refiner():
+            cond, uncond = self.sampler.sampler_extra_args["cond"], self.sampler.sampler_extra_args["uncond"]
         conds_list, tensor = prompt_parser.reconstruct_multicond_batch(cond, self.step)
         uncond = prompt_parser.reconstruct_cond_batch(uncond, self.step)
         if self.mask_before_denoising and self.mask is not None:
