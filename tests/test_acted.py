@@ -30,20 +30,19 @@ def engines(unets):
 
 
 def _generate(engine, values: dict, size: int = 128, steps: int = 4, hires: bool = False):
-    """One generation with the adapter; record_acted runs in every call of its finish. Returns the
+    """One generation with the adapter, whose finish calls record_acted. Returns the
     processing object and the planned runs that sampled."""
     p = Processing(engine, [PROMPT], [3], steps=steps, width=size, height=size, hr_steps=3)
     state = attach_state(p, build_settings(dict(enable=True, **values)))
     adapter, planned = ForgeAdapter(), []
     finish = adapter.finish
 
-    def finish_and_record(p):
+    def finish_and_keep(p):  # the adapter's finish records what acted; keep the plans to inspect
         if state.active is not None:
             planned.append(state.active.patches.planned)
-            record_acted(p, planned[-1])
         finish(p)
 
-    adapter.finish = finish_and_record  # prepare's own call of finish takes it too
+    adapter.finish = finish_and_keep  # prepare's own call of finish takes it too
     generate(p, (lambda p: adapter.prepare(p, state),), (adapter.finish,), hires=hires)
     assert not state.failed, p.extra_generation_params
     return p, planned

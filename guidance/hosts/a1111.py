@@ -26,7 +26,16 @@ from ..prompt_model import Tokenizer
 from .a1111_attention import UNetRouting
 from .a1111_conds import append_rows, conds_for_step, encode_extra_prompts
 from .a1111_rows import step_inputs
-from .common import REFINER_NOTE, batch_images, console, record_plan, report, settings_for_pass, state_of
+from .common import (
+    REFINER_NOTE,
+    batch_images,
+    console,
+    record_acted,
+    record_plan,
+    report,
+    settings_for_pass,
+    state_of,
+)
 
 
 @dataclass
@@ -168,6 +177,7 @@ class A1111Adapter:
         state = state_of(p)
         active = getattr(state, "active", None) if state is not None else None
         if active is not None:
+            record_acted(p, active.planned)
             state.active = None
             self._remove(active)
 
