@@ -17,8 +17,7 @@
 #   NEO_REF     [HEAD]             commit of NEO_SRC to export (only when $NEO_DIR is first created)
 #   NEO_DIR     [/tmp/neo]         Neo work tree = the repo's webui/ (also its data dir: config.json, extensions/)
 #   NEO_VENV    [/tmp/neo-venv]    Python 3.11 venv (Neo is tested on 3.13; --skip-python-version-check)
-#   NEO_MODELS  [/tmp/neo-models]  --ckpt-dir is $NEO_MODELS/Stable-diffusion
-#   NEO_CKPT    [random-sd15]      checkpoint name (without .safetensors) to start with
+#   NEO_MODELS  [/tmp/neo-models]  --ckpt-dirs is $NEO_MODELS/Stable-diffusion
 #   NEO_PORT    [7863]             bound on 127.0.0.1 only
 #   NEO_STATE   [/tmp/neo-e2e]     log, pid file, generated requirements file
 #   NEO_UI      [0]                1 = also serve the Gradio UI (default: API only, --nowebui)
@@ -32,7 +31,6 @@ NEO_REF="${NEO_REF:-HEAD}"
 NEO_DIR="${NEO_DIR:-/tmp/neo}"
 NEO_VENV="${NEO_VENV:-/tmp/neo-venv}"
 NEO_MODELS="${NEO_MODELS:-/tmp/neo-models}"
-NEO_CKPT="${NEO_CKPT:-random-sd15}"
 NEO_PORT="${NEO_PORT:-7863}"
 NEO_STATE="${NEO_STATE:-/tmp/neo-e2e}"
 NEO_UI="${NEO_UI:-0}"
@@ -45,8 +43,10 @@ LOG="$NEO_STATE/neo.log"
 PIDFILE="$NEO_STATE/neo.pid"
 URL="http://127.0.0.1:$NEO_PORT"
 PY="$NEO_VENV/bin/python"
-# Neo wants torch 2.11+cu130 (launch_utils.prepare_environment); the CPU build the project uses runs it here.
-TORCH_PKGS=(torch==2.13.0 torchvision==0.28.0)
+# Neo wants torch 2.11+cu130 (launch_utils.prepare_environment). The CPU wheel torch==2.13.0+cpu cannot be
+# used: the only torchvision for it on PyPI (0.28.0) is the CUDA build and fails to load (libc10_cuda.so
+# missing -> "operator torchvision::nms does not exist"). These two lie on local disk, as for Forge; on CPU they run.
+TORCH_PKGS=(torch==2.14.1 torchvision==0.29.1)
 STAMP_VERSION=1
 
 mkdir -p "$NEO_STATE"
@@ -121,8 +121,7 @@ setup_ckpt() {
     ln "$FORGE_SD15" "$SD15" 2>/dev/null || cp "$FORGE_SD15" "$SD15"
     log "checkpoint $SD15 <- $FORGE_SD15"
   else
-    log "generating random SD1.5 checkpoint $SD15"
-    HF_HUB_OFFLINE=1 "$PY" "$HERE/make_random_sd15.py" --out "$SD15"
+    die "no $FORGE_SD15 to link: make it with ../shared/tools/forge-e2e/forge_e2e.sh setup (its make_random_sd15.py), or put an SD1.5 checkpoint at $SD15"
   fi
 }
 
@@ -154,8 +153,8 @@ do_start() {
       --cpu                                            # backend/args.py: Use the CPU for everything
       --api "${mode[@]}"
       --server-name 127.0.0.1 --port "$NEO_PORT"
-      --ckpt-dir "$CKDIR" --ckpt "$CKDIR/$NEO_CKPT.safetensors"
-      --no-download-sd-model --no-hashing
+      --ckpt-dirs "$CKDIR"                             # Neo has no --ckpt: it picks from this folder
+      --no-hashing                                     # Neo has no --no-download-sd-model
       $NEO_EXTRA_ARGS
     )
     log "starting Neo: launch.py ${args[*]}"
