@@ -82,6 +82,8 @@ HOSTS = {
         ui_variable="NEO_UI",
         # Neo's API shares Forge's hires handling
         hires_extra={"hr_additional_modules": ["Use same choices"], "hr_cfg": 7},
+        # on CPU Neo logs "Using Basic Cross Attention"; GPUs get pytorch's SDPA (or sage/flash/xformers)
+        attention_flags=(("Using PyTorch Cross Attention", "--use-pytorch-cross-attention"),),
         extra_args_variable="NEO_EXTRA_ARGS",
         log=Path(os.environ.get("NEO_STATE", "/tmp/neo-e2e")) / "neo.log",
     ),

@@ -8,6 +8,10 @@
 #   neo_e2e.sh restart   stop + start (needed after adding/removing an extension)
 #   neo_e2e.sh status    print whether it is up
 #   neo_e2e.sh smoke     POST /sdapi/v1/txt2img (64x64, 4 steps, Euler, cfg 7), check a PNG comes back, time it
+#   neo_e2e.sh dit-models  write random-weight Anima and Flux.1 checkpoints (make_random_dit.py) into
+#                          $NEO_MODELS/Stable-diffusion-dit (2.9 + 4.8 GiB, a few minutes)
+#   neo_e2e.sh decline     restart with that folder listed too, run decline_check.py (needs the extension
+#                          linked), restart without it; about 6 GB of extra RAM while Flux is loaded
 #   neo_e2e.sh link-ext DIR [NAME]   symlink a local extension dir into $NEO_DIR/extensions/NAME (then: restart)
 #   neo_e2e.sh unlink-ext NAME       remove that symlink (then: restart)
 #
@@ -37,6 +41,7 @@ NEO_UI="${NEO_UI:-0}"
 NEO_EXTRA_ARGS="${NEO_EXTRA_ARGS:-}"
 NEO_START_TIMEOUT="${NEO_START_TIMEOUT:-400}"
 CKDIR="$NEO_MODELS/Stable-diffusion"
+DITDIR="$NEO_MODELS/Stable-diffusion-dit"
 SD15="$CKDIR/random-sd15.safetensors"
 FORGE_SD15="${FORGE_MODELS:-/tmp/forge-models}/Stable-diffusion/random-sd15.safetensors"
 LOG="$NEO_STATE/neo.log"
@@ -203,6 +208,25 @@ do_smoke() {
   "$PY" "$HERE/txt2img.py" --url "$URL" --size "${1:-64}" --out "$NEO_STATE/last.png"
 }
 
+dit_models() {
+  mkdir -p "$DITDIR"
+  local family
+  for family in anima flux; do
+    if [ -f "$DITDIR/random-$family.safetensors" ]; then log "present: $DITDIR/random-$family.safetensors"; continue; fi
+    (cd "$NEO_STATE" && "$PY" "$HERE/make_random_dit.py" --neo "$NEO_DIR" --family "$family" \
+       --out "$DITDIR/random-$family.safetensors")
+  done
+}
+
+do_decline() {
+  dit_models
+  local saved="$NEO_EXTRA_ARGS" rc=0
+  NEO_EXTRA_ARGS="$saved --ckpt-dirs $DITDIR"; do_stop; do_start >/dev/null
+  (cd "$HERE/../../.." && "$PY" -m tests.e2e.neo.decline_check random-anima random-flux --port "$NEO_PORT") || rc=$?
+  NEO_EXTRA_ARGS="$saved"; do_stop; do_start >/dev/null
+  return $rc
+}
+
 link_ext() {
   local src="${1:?usage: link-ext DIR [NAME]}" name="${2:-}"
   src="$(cd "$src" && pwd)"; name="${name:-$(basename "$src")}"
@@ -211,7 +235,26 @@ link_ext() {
   log "linked $NEO_DIR/extensions/$name -> $src (restart Neo to load it: $0 restart)"
 }
 
-unlink_ext() {
+undit_models() {
+  mkdir -p "$DITDIR"
+  local family
+  for family in anima flux; do
+    if [ -f "$DITDIR/random-$family.safetensors" ]; then log "present: $DITDIR/random-$family.safetensors"; continue; fi
+    (cd "$NEO_STATE" && "$PY" "$HERE/make_random_dit.py" --neo "$NEO_DIR" --family "$family" \
+       --out "$DITDIR/random-$family.safetensors")
+  done
+}
+
+do_decline() {
+  dit_models
+  local saved="$NEO_EXTRA_ARGS" rc=0
+  NEO_EXTRA_ARGS="$saved --ckpt-dirs $DITDIR"; do_stop; do_start >/dev/null
+  (cd "$HERE/../../.." && "$PY" -m tests.e2e.neo.decline_check random-anima random-flux --port "$NEO_PORT") || rc=$?
+  NEO_EXTRA_ARGS="$saved"; do_stop; do_start >/dev/null
+  return $rc
+}
+
+link_ext() {
   local name="${1:?usage: unlink-ext NAME}"
   rm -f "$NEO_DIR/extensions/$name"
   log "removed $NEO_DIR/extensions/$name (restart Neo to unload it: $0 restart)"
@@ -226,6 +269,8 @@ case "$cmd" in
   restart)  do_stop; do_start ;;
   status)   do_status ;;
   smoke)    do_smoke "$@" ;;
+  dit-models) dit_models ;;
+  decline)  do_decline ;;
   link-ext) link_ext "$@" ;;
   unlink-ext) unlink_ext "$@" ;;
   *) awk 'NR>1 && /^#/ {sub(/^# ?/, ""); print; next} NR>1 {exit}' "$0"; exit 2 ;;
