@@ -20,7 +20,7 @@ STEERING = {"concepts_enable": True, "concepts": "red cat; wooden table", "conce
 EDITS = {"sega_enable": True, "sega_edits": "+ sunglasses : 5"}
 # the settings keys (paste-back) a declined request still writes: printed, for the reader to judge
 SETTINGS = (f"{PREFIX} concept steering:", f"{PREFIX} SEGA:")
-DECLINE_WORDS = "not an SD1/SDXL UNet model"
+DECLINE_WORDS = "the image is generated normally"  # both of the extension's decline notes end so
 
 
 def pixels(png: bytes) -> bytes:
