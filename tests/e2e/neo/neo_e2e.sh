@@ -235,26 +235,7 @@ link_ext() {
   log "linked $NEO_DIR/extensions/$name -> $src (restart Neo to load it: $0 restart)"
 }
 
-undit_models() {
-  mkdir -p "$DITDIR"
-  local family
-  for family in anima flux; do
-    if [ -f "$DITDIR/random-$family.safetensors" ]; then log "present: $DITDIR/random-$family.safetensors"; continue; fi
-    (cd "$NEO_STATE" && "$PY" "$HERE/make_random_dit.py" --neo "$NEO_DIR" --family "$family" \
-       --out "$DITDIR/random-$family.safetensors")
-  done
-}
-
-do_decline() {
-  dit_models
-  local saved="$NEO_EXTRA_ARGS" rc=0
-  NEO_EXTRA_ARGS="$saved --ckpt-dirs $DITDIR"; do_stop; do_start >/dev/null
-  (cd "$HERE/../../.." && "$PY" -m tests.e2e.neo.decline_check random-anima random-flux --port "$NEO_PORT") || rc=$?
-  NEO_EXTRA_ARGS="$saved"; do_stop; do_start >/dev/null
-  return $rc
-}
-
-link_ext() {
+unlink_ext() {
   local name="${1:?usage: unlink-ext NAME}"
   rm -f "$NEO_DIR/extensions/$name"
   log "removed $NEO_DIR/extensions/$name (restart Neo to unload it: $0 restart)"
