@@ -73,4 +73,18 @@ HOSTS = {
         extra_args_variable="FORGE_EXTRA_ARGS",
         log=Path(os.environ.get("FORGE_STATE", "/tmp/forge-e2e")) / "forge.log",
     ),
+    "neo": Host(
+        name="neo",
+        harness=os.environ.get("SF_NEO_HARNESS", str(ROOT / "tests/e2e/neo/neo_e2e.sh")),
+        port=int(os.environ.get("NEO_PORT", 7863)),
+        root=Path(os.environ.get("NEO_DIR", "/tmp/neo")),
+        python=str(Path(os.environ.get("NEO_VENV", "/tmp/neo-venv")) / "bin/python"),
+        ui_variable="NEO_UI",
+        # Neo's API shares Forge's hires handling
+        hires_extra={"hr_additional_modules": ["Use same choices"], "hr_cfg": 7},
+        # on CPU Neo logs "Using Basic Cross Attention"; GPUs get pytorch's SDPA (or sage/flash/xformers)
+        attention_flags=(("Using PyTorch Cross Attention", "--use-pytorch-cross-attention"),),
+        extra_args_variable="NEO_EXTRA_ARGS",
+        log=Path(os.environ.get("NEO_STATE", "/tmp/neo-e2e")) / "neo.log",
+    ),
 }

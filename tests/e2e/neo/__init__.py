@@ -1,0 +1,1 @@
+"""The Forge Neo harness and its checks."""
