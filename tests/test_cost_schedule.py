@@ -8,7 +8,7 @@ from guidance.hosts.common import attach_state, state_of
 from guidance.hosts.forge import ForgeAdapter
 from guidance.params import build_settings
 from tests.a1111_host import A1111StandIn, a1111_modules
-from tests.testbed.forge import ForgeDiffusionEngine, Processing, generate
+from tests.testbed.forge import ForgeDiffusionEngine, Processing, generate, record_unet_calls
 
 STEPS = 8
 CASES = {
@@ -29,14 +29,7 @@ CASES = {
 def test_forge_carries_extra_rows_only_while_read(case, monkeypatch):
     values, rows, active_steps = CASES[case]
     engine = ForgeDiffusionEngine(seed=0)
-    calls = []
-    real = engine.kmodel.apply_model
-
-    def counting(x, t, **c):
-        calls.append(x.shape[0])
-        return real(x, t, **c)
-
-    monkeypatch.setattr(engine.kmodel, "apply_model", counting)
+    calls = record_unet_calls(engine, monkeypatch)
     p = Processing(engine, ["a red book and a gold clock"], [7], steps=STEPS)
     state = attach_state(p, build_settings(values))
     adapter = ForgeAdapter()

@@ -11,7 +11,14 @@ from guidance.hosts.forge import ForgeAdapter, host_tokenizer
 from guidance.params import build_settings
 from guidance.prompt_model import phrase_columns
 from guidance.prompts import extract_concepts
-from tests.testbed.forge import FluxLikeEngine, ForgeDiffusionEngine, Processing, forge_modules, generate
+from tests.testbed.forge import (
+    FluxLikeEngine,
+    ForgeDiffusionEngine,
+    Processing,
+    forge_modules,
+    generate,
+    record_unet_calls,
+)
 from tests.testbed.text_encoder import size_embedding
 from tests.testbed.unet import make_unet
 
@@ -137,14 +144,7 @@ def test_batch_two_matches_two_single_runs(engine):
 def test_extra_rows_ride_in_the_main_unet_call(engine, monkeypatch):
     """Extra prompts add rows to the one cond/uncond call per step (no separate call), and their
     predictions equal a separate evaluation of the extra prompt."""
-    calls = []
-    real = engine.kmodel.apply_model
-
-    def counting(x, t, **c):
-        calls.append(x.shape[0])
-        return real(x, t, **c)
-
-    monkeypatch.setattr(engine.kmodel, "apply_model", counting)
+    calls = record_unet_calls(engine, monkeypatch)
     guided, p = run(engine, _settings("sega"), prompts=(PROMPT, "a dog"))
     assert calls == [2 + 2 + 2] * p.steps  # uncond chunk, cond chunk, one block of extra rows
 

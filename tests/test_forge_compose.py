@@ -18,7 +18,7 @@ from guidance.hosts.common import NOTE_KEY, attach_state, state_of
 from guidance.hosts.forge import ForgeAdapter
 from guidance.hosts.forge_patches import TILED_NOTE
 from guidance.params import build_settings
-from tests.testbed.forge import ForgeDiffusionEngine, Processing, calc_cond_uncond_batch, generate
+from tests.testbed.forge import ForgeDiffusionEngine, Processing, calc_cond_uncond_batch, generate, record_unet_calls
 
 PROMPTS = ("a photo of a red cat on a wooden table", "a red cat in a garden")
 METHODS = {
@@ -231,19 +231,6 @@ def test_extra_rows_get_controlnet_residuals_of_their_own():
     assert tool.rows_seen == [4, 2] * p.steps
 
 
-def test_extra_rows_ride_along_without_other_tools(monkeypatch):
-    rows = []
-    real = ENGINE.kmodel.apply_model
-
-    def counting(x, t, **c):
-        rows.append(x.shape[0])
-        return real(x, t, **c)
-
-    monkeypatch.setattr(ENGINE.kmodel, "apply_model", counting)
-    _, p, _ = _generate(None, "sega")
-    assert rows == [6] * p.steps
-
-
 LONG_PROMPT = " BREAK ".join(
     ["a red cat on a wooden table", "a gold clock", "a garden", "blue sky", "soft light", "grass"]
 )
@@ -253,16 +240,9 @@ LONG_PROMPT = " BREAK ".join(
 def test_prompts_of_six_chunks_keep_every_method(method, monkeypatch):
     """Five BREAKs: 6 chunks (462 tokens) against 1-chunk extra prompts and uncond, more than Forge tiles
     into one call (4x): the extra rows take a call of their own instead of switching the methods off."""
-    rows = []
-    real = ENGINE.kmodel.apply_model
-
-    def counting(x, t, **c):
-        rows.append((x.shape[0], c["c_crossattn"].shape[1]))
-        return real(x, t, **c)
-
     p = Processing(ENGINE, [LONG_PROMPT], [5], width=128, height=128)
     plain = generate(p, ())
-    monkeypatch.setattr(ENGINE.kmodel, "apply_model", counting)
+    rows = record_unet_calls(ENGINE, monkeypatch, lambda x, c: (x.shape[0], c["c_crossattn"].shape[1]))
     p = Processing(ENGINE, [LONG_PROMPT], [5], width=128, height=128)
     state = attach_state(p, build_settings(METHODS[method]))
     adapter = ForgeAdapter()

@@ -45,28 +45,33 @@ def state_of(p) -> GenerationState | None:
     return getattr(p, STATE_ATTRIBUTE, None)
 
 
+def _first_time(p, message: str, seen: str) -> bool:
+    """Whether `message` is new for this generation in the state's list `seen` (then it is added)."""
+    state = state_of(p)
+    if state is None:
+        return True
+    messages = getattr(state, seen)
+    if message in messages:
+        return False
+    messages.append(message)
+    return True
+
+
 def report(p, message: str) -> None:
     """Print `message` once per generation and put it in the images' infotext."""
-    state = state_of(p)
-    if state is not None:
-        if message in state.reported:
-            return
-        state.reported.append(message)
+    if not _first_time(p, message, "reported"):
+        return
     print(f"Semantic Fidelity: {message}", file=sys.stderr)
     extra = getattr(p, "extra_generation_params", None)
     if extra is not None:
-        notes = state.reported if state is not None else [message]
-        extra[NOTE_KEY] = " | ".join(notes)
+        state = state_of(p)
+        extra[NOTE_KEY] = " | ".join(state.reported if state is not None else [message])
 
 
 def console(p, message: str) -> None:
     """Print `message` once per generation, without an infotext entry: how we composed, not what acted."""
-    state = state_of(p)
-    if state is not None:
-        if message in state.printed:
-            return
-        state.printed.append(message)
-    print(f"Semantic Fidelity: {message}", file=sys.stderr)
+    if _first_time(p, message, "printed"):
+        print(f"Semantic Fidelity: {message}", file=sys.stderr)
 
 
 def record_plan(p, planned) -> None:

@@ -622,3 +622,17 @@ def forge_modules():
         yield parser
     finally:
         del sys.modules["modules"], sys.modules["modules.prompt_parser"]
+
+
+def record_unet_calls(engine: ForgeDiffusionEngine, monkeypatch, describe=lambda x, c: x.shape[0]) -> list:
+    """For one test (`monkeypatch` undoes it): `describe(x, c)` of every UNet call the engine makes,
+    in order (by default its row count)."""
+    calls = []
+    real = engine.kmodel.apply_model
+
+    def recording(x, t, **c):
+        calls.append(describe(x, c))
+        return real(x, t, **c)
+
+    monkeypatch.setattr(engine.kmodel, "apply_model", recording)
+    return calls
