@@ -271,7 +271,7 @@ def ensure_controlnet_model(host: Host) -> Path:
 def git_head(path: Path) -> str:
     """The checked-out commit of the linked extension, as the saved matrices name it."""
     done = subprocess.run(["git", "-C", str(path), "log", "-1", "--format=%h %s"], capture_output=True, text=True)
-    return done.stdout.strip() or "(not a git checkout)"
+    return done.stdout.strip()[:100] or "(not a git checkout)"
 
 
 def run(api: Api, host: Host, checks: Checks) -> None:
