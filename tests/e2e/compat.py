@@ -61,7 +61,7 @@ FORGE_TOOLS = (
     Tool(
         "DynamicThresholding",
         "dynamicthresholding (cfg-fix) integrated",
-        ((0, "Enabled", True), (1, "Mimic CFG Scale", 4.0)),
+        ((0, "Enabled", True), (1, "Mimic Scale", 4.0)),
     ),
     Tool("LatentModifier", "latentmodifier integrated", ((0, "Enabled", True), (9, "Rescale Cfg Phi", 0.7))),
     Tool(
@@ -69,11 +69,15 @@ FORGE_TOOLS = (
         "multidiffusion integrated",
         ((0, "Enabled", True), (2, "Tile Width", 32), (3, "Tile Height", 32), (4, "Tile Overlap", 0)),
     ),
-    Tool("SAG", "selfattentionguidance integrated (sd 1.x, sd 2.x, sdxl)", ((0, "", True),)),
-    Tool("PAG", "perturbedattentionguidance integrated", ((0, "", True),)),
+    Tool(
+        "SAG",
+        "selfattentionguidance integrated (sd 1.x, sd 2.x, sdxl)",
+        ((0, "SelfAttentionGuidance Integrated (SD 1.x, SD 2.x, SDXL)", True),),
+    ),
+    Tool("PAG", "perturbedattentionguidance integrated", ((0, "PerturbedAttentionGuidance Integrated", True),)),
     Tool("StyleAlign (batch 2)", "stylealign integrated", ((0, "Share attention in batch", True),), {"batch_size": 2}),
-    Tool("FreeU", "freeu integrated (sd 1.x, sd 2.x, sdxl)", ((0, "", True),)),
-    Tool("Kohya HRFix", "kohya hrfix integrated", ((0, "", True),)),
+    Tool("FreeU", "freeu integrated (sd 1.x, sd 2.x, sdxl)", ((0, "FreeU Integrated (SD 1.x, SD 2.x, SDXL)", True),)),
+    Tool("Kohya HRFix", "kohya hrfix integrated", ((0, "Kohya HRFix Integrated", True),)),
     Tool("ControlNet (built-in)", "controlnet", controlnet_module="None"),
 )
 
