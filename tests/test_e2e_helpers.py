@@ -67,9 +67,14 @@ def test_cell_problem_needs_both_parts_in_the_pixels_our_key_and_no_note():
     assert compat.cell_problem(tool, ours, ([_png(1)], on), "sega", False) == "same pixels as the tool alone"
     assert compat.cell_problem(tool, ours, ([_png(2)], on), "sega", False) == "same pixels as ours alone"
     assert compat.cell_problem(tool, ours, ([_png(3)], ["Steps: 4"]), "sega", False) == f"infotext lacks {key!r}"
-    noted = ([_png(3)], [f"{key}: on, {compat.NOTE}: SEGA fell back to the host\nmore"])
+    noted = ([_png(3)], [f"{key}: on, {compat.NOTE}: SEGA fell back to the host, Version: v1.10.1"])
     assert compat.cell_problem(tool, ours, noted, "sega", False) == "note: SEGA fell back to the host"
     assert compat.cell_problem(tool, ours, noted, "sega", True) is None  # declared impossible
+    quoted = ([_png(1)], [f'{key}: on, {compat.NOTE}: "no tiles, no S-CFG", Version: f2.0.1'])
+    assert (
+        compat.cell_problem(tool, ours, quoted, "sega", False)
+        == "same pixels as the tool alone; note: no tiles, no S-CFG"
+    )
 
 
 def test_filled_args_places_settings_over_the_hosts_defaults_and_checks_labels():

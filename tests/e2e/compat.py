@@ -135,21 +135,34 @@ def http_error(error: Exception) -> str:
     return f"{type(error).__name__}: {str(error)[:160]}"
 
 
+def infotext_value(text: str, key: str) -> str | None:
+    """The value of `key` in an infotext line (`key: value, …`; a value with commas comes quoted)."""
+    marker = f"{key}: "
+    if marker not in text:
+        return None
+    rest = text.split(marker, 1)[1]
+    if rest.startswith('"'):
+        return rest[1:].split('"', 1)[0]
+    return rest.split(", ", 1)[0].split("\n", 1)[0]
+
+
 def cell_problem(tool_alone, ours_alone, both, method: str, allowed_note: bool) -> str | None:
     """Why a cell fails, from its three generations ((images, infotexts) each); None when it passes."""
     images, infotexts = both
     if not images:
         return "no image"
+    problems = []
     if same_pixels(images, tool_alone[0]):
-        return "same pixels as the tool alone"
+        problems.append("same pixels as the tool alone")
     if same_pixels(images, ours_alone[0]):
-        return "same pixels as ours alone"
+        problems.append("same pixels as ours alone")
     text = infotexts[0] if infotexts else ""
     if INFOTEXT_KEYS[method] not in text:
-        return f"infotext lacks {INFOTEXT_KEYS[method]!r}"
-    if NOTE in text and not allowed_note:
-        return "note: " + text.split(f"{NOTE}: ", 1)[1].split("\n")[0][:200]
-    return None
+        problems.append(f"infotext lacks {INFOTEXT_KEYS[method]!r}")
+    note = infotext_value(text, NOTE)
+    if note is not None and not allowed_note:
+        problems.append(f"note: {note}")
+    return "; ".join(problems) or None
 
 
 class Compat:
