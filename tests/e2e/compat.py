@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .api_checks import INFOTEXT_KEYS, METHODS
-from .common import BASE, NOTE, SCRIPT_KEY, Api, Checks, with_extension
+from .common import BASE, NOTE, SCRIPT_KEY, Api, Checks, is_blank, with_extension
 from .hosts import Host
 
 # (tool, method) -> why that combination cannot work. The one place where such a decision is made;
@@ -76,7 +76,13 @@ FORGE_TOOLS = (
     ),
     Tool("PAG", "perturbedattentionguidance integrated", ((0, "PerturbedAttentionGuidance Integrated", True),)),
     Tool("StyleAlign (batch 2)", "stylealign integrated", ((0, "Share attention in batch", True),), {"batch_size": 2}),
-    Tool("FreeU", "freeu integrated (sd 1.x, sd 2.x, sdxl)", ((0, "FreeU Integrated (SD 1.x, SD 2.x, SDXL)", True),)),
+    Tool(
+        "FreeU (128 px)",
+        "freeu integrated (sd 1.x, sd 2.x, sdxl)",
+        ((0, "FreeU Integrated (SD 1.x, SD 2.x, SDXL)", True),),
+        # at 64 px its 1280-channel blocks are 1x1, where its (h - min) / (max - min) is 0 / 0 = NaN
+        {"width": 128, "height": 128},
+    ),
     Tool("Kohya HRFix", "kohya hrfix integrated", ((0, "Kohya HRFix Integrated", True),)),
     Tool("ControlNet (built-in)", "controlnet", controlnet_module="None"),
 )
@@ -217,9 +223,11 @@ class Compat:
         return filled_args(defaults, tool.settings)
 
     def row_problem(self, tool: Tool, scripts: dict) -> str | None:
-        """Why the row proves nothing: the tool alone fails or changes nothing against plain CFG."""
+        """Why the row proves nothing: the tool alone fails, gives NaN or changes nothing against plain CFG."""
         plain = self.generate({}, tool.request)
         alone = self.generate(scripts, tool.request)
+        if any(is_blank(image) for image in alone[0]):
+            return "the tool alone gives a one-colour image (NaN latents)"
         return "the tool alone changes nothing" if same_pixels(plain[0], alone[0]) else None
 
     def cell_problem(self, tool: Tool, scripts: dict, method: str) -> str | None:
