@@ -33,3 +33,119 @@ def test_every_control_has_an_element_id_per_tab():
     ids = {browser.control_id(tab, p.key) for tab in ("txt2img", "img2img") for p in browser.params.PARAMS}
     assert len(ids) == 2 * len(browser.params.PARAMS)
     assert browser.control_id("txt2img", "enable") == "script_txt2img_semantic_fidelity_enable"
+
+
+def _png(value: int, size: int = 8, text: str = "") -> bytes:
+    """A one-colour PNG; `text` goes into a PNG text chunk, as a host's infotext does."""
+    import io
+
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", text)
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), (value, value, value)).save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def test_same_pixels_ignores_the_infotext_chunk_and_compares_every_image():
+    from tests.e2e import compat
+
+    assert _png(10, text="a") != _png(10, text="b")
+    assert compat.same_pixels([_png(10, text="a")], [_png(10, text="b")])
+    assert not compat.same_pixels([_png(10)], [_png(11)])
+    assert not compat.same_pixels([_png(10), _png(10)], [_png(10), _png(12)])
+    assert not compat.same_pixels([_png(10)], [_png(10), _png(10)])
+
+
+def test_cell_problem_needs_both_parts_in_the_pixels_our_key_and_no_note():
+    from tests.e2e import compat
+
+    key = compat.INFOTEXT_KEYS["sega"]
+    tool, ours, on = ([_png(1)], ["tool"]), ([_png(2)], [f"{key}: on"]), [f"{key}: on"]
+    assert compat.cell_problem(tool, ours, ([_png(3)], [f"x, {key}: on"]), "sega", False) is None
+    assert compat.cell_problem(tool, ours, ([_png(1)], on), "sega", False) == "same pixels as the tool alone"
+    assert compat.cell_problem(tool, ours, ([_png(2)], on), "sega", False) == "same pixels as ours alone"
+    assert compat.cell_problem(tool, ours, ([_png(3)], ["Steps: 4"]), "sega", False) == f"infotext lacks {key!r}"
+    noted = ([_png(3)], [f"{key}: on, {compat.NOTE}: SEGA fell back to the host, Version: v1.10.1"])
+    assert compat.cell_problem(tool, ours, noted, "sega", False) == "note: SEGA fell back to the host"
+    assert compat.cell_problem(tool, ours, noted, "sega", True) is None  # declared impossible
+    quoted = ([_png(1)], [f'{key}: on, {compat.NOTE}: "no tiles, no S-CFG", Version: f2.0.1'])
+    assert (
+        compat.cell_problem(tool, ours, quoted, "sega", False)
+        == "same pixels as the tool alone; note: no tiles, no S-CFG"
+    )
+
+
+def test_filled_args_places_settings_over_the_hosts_defaults_and_checks_labels():
+    from tests.e2e import compat
+
+    defaults = [{"label": "Enabled", "value": False}, {"label": "Scale", "value": 3.0}, {"label": "Mode", "value": "a"}]
+    assert compat.filled_args(defaults, ((0, "Enabled", True), (2, "Mode", "b"))) == ([True, 3.0, "b"], None)
+    assert compat.filled_args(defaults, ((1, "Strength", 2.0),))[1] == "argument 1 is 'Scale', not 'Strength'"
+    assert compat.filled_args(defaults, ((5, "", 1),))[1] == "the script has 3 arguments, not 6"
+
+
+def test_matrix_text_has_a_row_per_tool_a_column_per_method_and_the_reasons():
+    from tests.e2e import compat
+
+    tools = compat.FORGE_TOOLS[:2]
+    results = {(tools[0].name, m): None for m in compat.METHODS}
+    results[tools[1].name, "scfg"] = "same pixels as the tool alone"
+    lines = compat.matrix_text(tools, results).splitlines()
+    assert lines[0].split() == list(compat.METHODS)
+    assert lines[1].split() == [tools[0].name, "PASS", "PASS", "PASS", "PASS"]
+    assert lines[2].startswith(tools[1].name) and lines[2].count("FAIL") == 4  # 3 not run, 1 failed
+    assert f"  {tools[1].name} x scfg: same pixels as the tool alone" in lines
+    assert lines[-1] == "  (none)"  # no combination declared impossible yet
+
+
+def test_every_row_names_its_script_and_the_controlnet_rows_their_preprocessor():
+    from tests.e2e import compat
+
+    for tools in compat.TOOLS.values():
+        assert len({t.name for t in tools}) == len(tools)
+        assert all(t.script == t.script.lower() and (t.settings or t.controlnet_module) for t in tools)
+    assert [t.controlnet_module for t in compat.A1111_TOOLS if t.controlnet_module] == ["none"]
+    assert [t.controlnet_module for t in compat.FORGE_TOOLS if t.controlnet_module] == ["None"]
+
+
+def test_random_controlnet_has_the_sd15_controlnet_layout():
+    from tests.e2e import make_random_controlnet as cn
+
+    assert cn.input_block_channels() == [320] * 4 + [640] * 3 + [1280] * 5
+    shapes = cn.controlnet_shapes()
+    assert len(shapes) == 340 and all(name.startswith("control_model.") for name in shapes)
+    assert shapes["control_model.input_hint_block.0.weight"] == (16, 3, 3, 3)
+    assert shapes["control_model.input_hint_block.14.weight"] == (320, 256, 3, 3)
+    assert shapes["control_model.input_blocks.5.1.transformer_blocks.0.attn2.to_k.weight"] == (640, 768)
+    assert shapes["control_model.zero_convs.11.0.weight"] == (1280, 1280, 1, 1)
+    assert shapes["control_model.middle_block_out.0.weight"] == (1280, 1280, 1, 1)
+    assert not any(".output_blocks." in n or ".label_emb." in n or n.endswith(".out.2.weight") for n in shapes)
+    weights = cn.random_weights({k: shapes[k] for k in list(shapes)[:6]}, seed=0)
+    assert all(w.dtype.is_floating_point and w.dtype.itemsize == 2 for w in weights.values())
+
+
+def test_soak_requests_cover_methods_samplers_batches_hires_img2img_and_plain():
+    from tests.e2e import soak
+
+    plans = [soak.soak_request(i, {"hr_cfg": 7}) for i in range(soak.REQUESTS)]
+    kinds = [kind for kind, _, _ in plans]
+    assert kinds.count("img2img") == 14 and sum(r.get("enable_hr", False) for _, _, r in plans) == 14
+    assert all(r["hr_cfg"] == 7 for _, _, r in plans if r.get("enable_hr"))
+    assert {r["sampler_name"] for _, _, r in plans} == set(soak.SAMPLERS)
+    assert {r["batch_size"] for _, _, r in plans} == {1, 2}
+    enabled = [args[0] for _, args, _ in plans if args != [False]]
+    assert sum(1 for _, args, _ in plans if args == [False]) == 16
+    for method, values in soak.METHODS.items():
+        key = next(iter(values))
+        assert sum(1 for e in enabled if e.get(key)) >= 20, method
+    assert any(all(e.get(next(iter(v))) for v in soak.METHODS.values()) for e in enabled)
+
+
+def test_resident_mb_reads_this_process():
+    import os
+
+    from tests.e2e import soak
+
+    assert 10 < soak.resident_mb(os.getpid()) < 100_000

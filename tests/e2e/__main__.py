@@ -1,6 +1,7 @@
 """End-to-end checks of Semantic Fidelity in a real WebUI, through its HTTP API and its web UI.
 
-    python -m tests.e2e --host a1111|forge [--ui] [--fresh-install] [--screenshots DIR]
+    python -m tests.e2e --host a1111|forge [--extension PATH] [--ui] [--fresh-install] [--screenshots DIR]
+    python -m tests.e2e --host a1111|forge [--extension PATH] --compat | --soak
 
 The run, against the harness's host (../shared/tools/a1111-e2e, ../shared/tools/forge-e2e):
 1. unlinks the extension, restarts the host and takes the baseline without it (a PNG; with --ui
@@ -10,6 +11,8 @@ The run, against the harness's host (../shared/tools/a1111-e2e, ../shared/tools/
    --fresh-install spaCy and the pipeline are removed first, so install.py does its whole job;
 3. restarts the host (it must still start) and runs the API checks (api_checks.py);
 4. with --ui, the browser checks (browser.py) in headless Chromium.
+With --compat (compat.py) or --soak (soak.py) the run instead links the extension, restarts the
+host and runs only that. --extension chooses the checkout that is linked (default: this one).
 One line per check (name, PASS/FAIL, seconds), then `N passed, M failed`; exit status 1 on failure.
 """
 
@@ -22,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import browser, install_check  # browser needs playwright only when --ui runs it
+from . import browser, compat, install_check, soak  # browser needs playwright only when --ui runs it
 from .api_checks import ApiChecks
 from .common import Api, Checks
 from .hosts import EXTENSION_NAME, HOSTS, ROOT
@@ -38,8 +41,18 @@ def main(argv=None) -> int:
         help="uninstall spaCy and its pipeline first (install.py installs them again)",
     )
     parser.add_argument("--screenshots", type=Path, help="save the accordion and X/Y/Z grid screenshots here")
+    parser.add_argument(
+        "--extension",
+        type=Path,
+        default=Path(os.environ.get("SF_E2E_EXTENSION", ROOT)),
+        help="the extension checkout linked into the host (default: $SF_E2E_EXTENSION, else this repository)",
+    )
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--compat", action="store_true", help="only the matrix of host tools x our methods")
+    only.add_argument("--soak", action="store_true", help="only the 100-request soak run")
     args = parser.parse_args(argv)
     host = HOSTS[args.host]
+    extension = args.extension.resolve()
     if args.ui:
         os.environ[host.ui_variable] = "1"  # the harness's restart reads it
     api = Api(host.port)
@@ -83,13 +96,15 @@ def main(argv=None) -> int:
         return None
 
     def install():
-        harness("link-ext", str(ROOT), EXTENSION_NAME)
+        harness("link-ext", str(extension), EXTENSION_NAME)
         return install_check.check(host.python, host.root, host.extension_dir, args.fresh_install)
 
     def host_starts():
         restart_with()
         return None if api.extension_listed() else "not listed in /sdapi/v1/scripts"
 
+    if args.compat or args.soak:
+        return linked_only(args, host, extension, harness, restart_with, api, checks, started)
     if not checks.run("baseline without the extension", take_baseline):
         print(f"{checks.passed} passed, {checks.failed} failed (no baseline, nothing else run)")
         return 1
@@ -100,6 +115,24 @@ def main(argv=None) -> int:
             browser.run(checks, api.url, args.screenshots, host.name, baseline_page_errors)
     minutes = (time.time() - started) / 60
     what = f"{args.host}{' with UI' if args.ui else ''}, {minutes:.1f} min"
+    print(f"{checks.passed} passed, {checks.failed} failed ({what})")
+    return 1 if checks.failed else 0
+
+
+def linked_only(args, host, extension: Path, harness, restart_with, api: Api, checks: Checks, started) -> int:
+    """--compat / --soak: link the extension (and, for --compat, the random ControlNet), restart, run."""
+
+    def loaded():
+        harness("link-ext", str(extension), EXTENSION_NAME)
+        if args.compat:
+            compat.ensure_controlnet_model(host)
+        restart_with()
+        return None if api.extension_listed() else "not listed in /sdapi/v1/scripts"
+
+    print(f"    extension: {extension} at {compat.git_head(extension)}", flush=True)
+    if checks.run("host starts with the extension, which loads", loaded):
+        (compat if args.compat else soak).run(api, host, checks)
+    what = f"{args.host} {'compat' if args.compat else 'soak'}, {(time.time() - started) / 60:.1f} min"
     print(f"{checks.passed} passed, {checks.failed} failed ({what})")
     return 1 if checks.failed else 0
 

@@ -39,6 +39,11 @@ class Host:
     def extension_dir(self) -> Path:
         return self.root / "extensions" / EXTENSION_NAME
 
+    @property
+    def controlnet_dir(self) -> Path:
+        """Where both hosts' ControlNet loaders look by default (models_path/ControlNet)."""
+        return self.root / "models" / "ControlNet"
+
 
 def _harness(variable: str, relative: str) -> str:
     return os.environ.get(variable, str(ROOT.parent / "shared/tools" / relative))
