@@ -63,17 +63,21 @@ def test_cell_problem_needs_both_parts_in_the_pixels_our_key_and_no_note():
 
     key = compat.INFOTEXT_KEYS["sega"]
     tool, ours, on = ([_png(1)], ["tool"]), ([_png(2)], [f"{key}: on"]), [f"{key}: on"]
-    assert compat.cell_problem(tool, ours, ([_png(3)], [f"x, {key}: on"]), "sega", False) is None
-    assert compat.cell_problem(tool, ours, ([_png(1)], on), "sega", False) == "same pixels as the tool alone"
-    assert compat.cell_problem(tool, ours, ([_png(2)], on), "sega", False) == "same pixels as ours alone"
-    assert compat.cell_problem(tool, ours, ([_png(3)], ["Steps: 4"]), "sega", False) == f"infotext lacks {key!r}"
+    assert compat.cell_problem(tool, ours, ([_png(3)], [f"x, {key}: on"]), "sega") is None
+    assert compat.cell_problem(tool, ours, ([_png(1)], on), "sega") == "same pixels as the tool alone"
+    assert compat.cell_problem(tool, ours, ([_png(2)], on), "sega") == "same pixels as ours alone"
+    assert compat.cell_problem(tool, ours, ([_png(3)], ["Steps: 4"]), "sega") == f"infotext lacks {key!r}"
     noted = ([_png(3)], [f"{key}: on, {compat.NOTE}: SEGA fell back to the host, Version: v1.10.1"])
-    assert compat.cell_problem(tool, ours, noted, "sega", False) == "note: SEGA fell back to the host"
-    assert compat.cell_problem(tool, ours, noted, "sega", True) is None  # declared impossible
+    assert compat.cell_problem(tool, ours, noted, "sega") == "note: SEGA fell back to the host"
     quoted = ([_png(1)], [f'{key}: on, {compat.NOTE}: "no tiles, no S-CFG", Version: f2.0.1'])
-    assert (
-        compat.cell_problem(tool, ours, quoted, "sega", False)
-        == "same pixels as the tool alone; note: no tiles, no S-CFG"
+    assert compat.cell_problem(tool, ours, quoted, "sega") == "same pixels as the tool alone; note: no tiles, no S-CFG"
+    # a declared impossible combination passes only with a note that gives the declared reason
+    assert compat.cell_problem(tool, ours, quoted, "sega", impossible="no tiles") is None
+    assert compat.cell_problem(tool, ours, noted, "sega", impossible="no tiles") == (
+        "no note saying why it cannot act (note: SEGA fell back to the host)"
+    )
+    assert compat.cell_problem(tool, ours, ([_png(1)], on), "sega", impossible="no tiles") == (
+        "no note saying why it cannot act (note: none)"
     )
 
 
@@ -97,7 +101,11 @@ def test_matrix_text_has_a_row_per_tool_a_column_per_method_and_the_reasons():
     assert lines[1].split() == [tools[0].name, "PASS", "PASS", "PASS", "PASS"]
     assert lines[2].startswith(tools[1].name) and lines[2].count("FAIL") == 4  # 3 not run, 1 failed
     assert f"  {tools[1].name} x scfg: same pixels as the tool alone" in lines
-    assert lines[-1] == "  (none)"  # no combination declared impossible yet
+    assert lines[-1] == "  (none)"  # none of these two tools has a combination declared impossible
+    multidiffusion = next(t for t in compat.FORGE_TOOLS if t.name == "MultiDiffusion")
+    lines = compat.matrix_text([multidiffusion], {(multidiffusion.name, m): None for m in compat.METHODS}).splitlines()
+    assert lines[1].split()[1:] == ["PASS", "PASS", "NOTED", "(cannot", "act)", "NOTED", "(cannot", "act)"]
+    assert lines[-1].startswith("  MultiDiffusion x regulation: S-CFG and attention regulation need")
 
 
 def test_every_row_names_its_script_and_the_controlnet_rows_their_preprocessor():

@@ -21,6 +21,9 @@ INFOTEXT_KEYS = {
     "scfg": f"{PREFIX} S-CFG",
     "regulation": f"{PREFIX} regulation",
 }
+# attention regulation's layers sit at 1/4 of the latent: at 64 px their maps are 2x2, too small for one
+# Gaussian bump, and it says so in a note; its checks use 128 px, where it acts
+REGULATION_SIZE = {"width": 128, "height": 128}
 XYZ_SCALE_AXIS = "[Semantic Fidelity] Concept steering: Concept scale"
 XYZ_EDITS_AXIS = "[Semantic Fidelity] SEGA edits: Edits"
 
@@ -42,7 +45,8 @@ class ApiChecks:
             values = {}
             for name in names:
                 values.update(METHODS[name])
-            images, infotexts = self.api.generate(with_extension(**values))
+            size = REGULATION_SIZE if "regulation" in names else {}
+            images, infotexts = self.api.generate(with_extension(**values), **size)
             return expect(images, infotexts, keys=[PREFIX] + [INFOTEXT_KEYS[n] for n in names])
 
         return check
@@ -62,7 +66,7 @@ class ApiChecks:
             with_extension(**METHODS["sega"], **METHODS["scfg"]),
             enable_hr=True,
             hr_scale=2,
-            hr_upscaler="Latent",
+            hr_upscaler=self.host.hr_upscaler,
             hr_second_pass_steps=2,
             denoising_strength=0.6,
             **self.host.hires_extra,
@@ -128,6 +132,8 @@ class ApiChecks:
         scale, edits = choices.index(XYZ_SCALE_AXIS), choices.index(XYZ_EDITS_AXIS)
         axes = [scale, "2, 12", [], edits, "+ sunglasses : 5, - blurry : 3", [], 0, "", []]
         options = [True, True, False, False, False, False, False, 0, True]  # legend, lone images, …, csv
+        if any(arg.get("label") == "Row Count" for arg in xyz["args"]):
+            options.insert(7, 0)  # Forge Neo's grid has a row count (0: automatic) before the margins
         values = dict(METHODS["concepts"], concepts="red cat")
         payload = dict(BASE, width=128, height=128, script_name="x/y/z plot", script_args=axes + options)
         payload["alwayson_scripts"] = {SCRIPT_KEY: {"args": [dict({"enable": False}, **values)]}}
@@ -146,13 +152,13 @@ class ApiChecks:
 
     def _attention_methods_act(self) -> str | None:
         values = dict(METHODS["scfg"], **METHODS["regulation"])
-        images, infotexts = self.api.generate(with_extension(**values))
+        images, infotexts = self.api.generate(with_extension(**values), **REGULATION_SIZE)
         problem = expect(images, infotexts, keys=[INFOTEXT_KEYS["scfg"], INFOTEXT_KEYS["regulation"]])
         if problem:
             return problem
         if is_blank(images[0]):
             return "blank image"
-        plain, _ = self.api.generate([False])
+        plain, _ = self.api.generate([False], **REGULATION_SIZE)
         return None if plain[0] != images[0] else "the methods changed nothing"
 
     def attention_optimization(self, name: str):

@@ -23,13 +23,19 @@ import urllib.error
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .api_checks import INFOTEXT_KEYS, METHODS
+from guidance.hosts.forge_patches import TILED_NOTE
+
+from .api_checks import INFOTEXT_KEYS, METHODS, REGULATION_SIZE
 from .common import BASE, NOTE, SCRIPT_KEY, Api, Checks, is_blank, with_extension
 from .hosts import Host
 
 # (tool, method) -> why that combination cannot work. The one place where such a decision is made;
 # a cell listed here may carry our note (it must still answer without an HTTP error).
-IMPOSSIBLE: dict[tuple[str, str], str] = {}
+IMPOSSIBLE: dict[tuple[str, str], str] = {
+    # MultiDiffusion runs the UNet in tiles: a tile's attention maps are not the latent's
+    ("MultiDiffusion", "scfg"): TILED_NOTE,
+    ("MultiDiffusion", "regulation"): TILED_NOTE,
+}
 
 CONTROLNET_FILE = "control_random_sd15"  # tests/e2e/make_random_controlnet.py writes <this>.safetensors
 
@@ -152,11 +158,15 @@ def infotext_value(text: str, key: str) -> str | None:
     return rest.split(", ", 1)[0].split("\n", 1)[0]
 
 
-def cell_problem(tool_alone, ours_alone, both, method: str, allowed_note: bool) -> str | None:
-    """Why a cell fails, from its three generations ((images, infotexts) each); None when it passes."""
+def cell_problem(tool_alone, ours_alone, both, method: str, impossible: str | None = None) -> str | None:
+    """Why a cell fails, from its three generations ((images, infotexts) each); None when it passes. A
+    combination declared `impossible` passes when it answers with an image and our note gives that reason."""
     images, infotexts = both
     if not images:
         return "no image"
+    if impossible is not None:
+        note = infotext_value(infotexts[0] if infotexts else "", NOTE) or ""
+        return None if impossible in note else f"no note saying why it cannot act (note: {note or 'none'})"
     problems = []
     if same_pixels(images, tool_alone[0]):
         problems.append("same pixels as the tool alone")
@@ -166,7 +176,7 @@ def cell_problem(tool_alone, ours_alone, both, method: str, allowed_note: bool) 
     if INFOTEXT_KEYS[method] not in text:
         problems.append(f"infotext lacks {INFOTEXT_KEYS[method]!r}")
     note = infotext_value(text, NOTE)
-    if note is not None and not allowed_note:
+    if note is not None:
         problems.append(f"note: {note}")
     return "; ".join(problems) or None
 
@@ -233,10 +243,11 @@ class Compat:
     def cell_problem(self, tool: Tool, scripts: dict, method: str) -> str | None:
         """Generates (a) the tool alone, (b) our method alone, (c) both, and judges the cell."""
         ours = {SCRIPT_KEY: {"args": with_extension(**METHODS[method])}}
-        tool_alone = self.generate(scripts, tool.request)
-        ours_alone = self.generate(ours, tool.request)
-        both = self.generate(dict(scripts, **ours), tool.request)
-        return cell_problem(tool_alone, ours_alone, both, method, (tool.name, method) in IMPOSSIBLE)
+        request = dict(tool.request, **REGULATION_SIZE) if method == "regulation" else tool.request
+        tool_alone = self.generate(scripts, request)
+        ours_alone = self.generate(ours, request)
+        both = self.generate(dict(scripts, **ours), request)
+        return cell_problem(tool_alone, ours_alone, both, method, IMPOSSIBLE.get((tool.name, method)))
 
     def cell(self, tool: Tool, scripts: dict, method: str, row: str | None):
         def check():
@@ -264,8 +275,9 @@ class Compat:
 
 
 def matrix_text(tools, results: dict[tuple[str, str], str | None], width: int = 30) -> str:
-    """The matrix (rows: tools, columns: our methods, cells PASS / FAIL + a short reason), then every
-    failure's whole reason and the declared impossible combinations."""
+    """The matrix (rows: tools, columns: our methods, cells PASS / NOTED for a declared impossible cell
+    that says why / FAIL + a short reason), then every failure's whole reason and the declared
+    impossible combinations of these tools."""
     first = max(len(tool.name) for tool in tools) + 2
     lines = ["".ljust(first) + "".join(method.ljust(width) for method in METHODS)]
     reasons = []
@@ -273,13 +285,15 @@ def matrix_text(tools, results: dict[tuple[str, str], str | None], width: int = 
         cells = []
         for method in METHODS:
             problem = results.get((tool.name, method), "not run")
-            cells.append("PASS" if problem is None else f"FAIL {problem}"[: width - 2])
+            passed = "NOTED (cannot act)" if (tool.name, method) in IMPOSSIBLE else "PASS"
+            cells.append(passed if problem is None else f"FAIL {problem}"[: width - 2])
             if problem is not None:
                 reasons.append(f"  {tool.name} x {method}: {problem}")
         lines.append(tool.name.ljust(first) + "".join(cell.ljust(width) for cell in cells))
     if reasons:
         lines += ["", "failures:"] + reasons
-    declared = [f"  {t} x {m}: {why}" for (t, m), why in IMPOSSIBLE.items()]
+    names = {tool.name for tool in tools}
+    declared = [f"  {t} x {m}: {why}" for (t, m), why in IMPOSSIBLE.items() if t in names]
     lines += ["", "declared impossible:"] + (declared or ["  (none)"])
     return "\n".join(lines)
 

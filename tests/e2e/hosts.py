@@ -23,6 +23,7 @@ class Host:
     python: str  # the WebUI venv's python
     ui_variable: str  # set to 1 to make the harness serve the gradio UI too
     hires_extra: dict = field(default_factory=dict)
+    hr_upscaler: str = "Latent"  # Forge Neo has no latent upscalers
     # cross-attention optimizations to select (the `cross_attention_optimization` option) and run the
     # attention methods under; empty where the host has no such setting
     attention_optimizations: tuple[str, ...] = ()
@@ -87,6 +88,7 @@ HOSTS = {
         ui_variable="NEO_UI",
         # Neo's API shares Forge's hires handling
         hires_extra={"hr_additional_modules": ["Use same choices"], "hr_cfg": 7},
+        hr_upscaler="None",
         # on CPU Neo logs "Using Basic Cross Attention"; GPUs get pytorch's SDPA (or sage/flash/xformers)
         attention_flags=(("Using PyTorch Cross Attention", "--use-pytorch-cross-attention"),),
         extra_args_variable="NEO_EXTRA_ARGS",
