@@ -157,3 +157,18 @@ def test_resident_mb_reads_this_process():
     from tests.e2e import soak
 
     assert 10 < soak.resident_mb(os.getpid()) < 100_000
+
+
+def test_prompt_check_judges_notes_acted_summary_and_detected_concepts():
+    from tests.e2e import prompt_checks as pc
+
+    good = f'x, {pc.DETECTED}: "dog (steps 1–3); sofa; cat (steps 4–6)", {pc.ACTED}: concepts 5/6 steps, Version: 1'
+    wanted = ("dog (steps 1–3)", "cat (steps 4–6)", "sofa")
+    assert pc.problem_of(good, wanted, (), "concepts") is None
+    assert pc.problem_of(good, wanted, ("sofa",), "concepts").startswith("detected concepts")
+    assert pc.problem_of(f"x, {pc.ACTED}: regulation did not act", (), (), "regulation") == (
+        "acted: regulation did not act"
+    )
+    segment = f'x, {pc.NOTE}: "Attention regulation: dog not in the first row; not regulated there.", {pc.ACTED}: a'
+    assert pc.problem_of(segment, (), (), "regulation") is None
+    assert pc.problem_of(segment, (), (), "scfg").startswith("note:")

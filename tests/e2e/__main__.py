@@ -1,7 +1,7 @@
 """End-to-end checks of Semantic Fidelity in a real WebUI, through its HTTP API and its web UI.
 
     python -m tests.e2e --host a1111|forge [--extension PATH] [--ui] [--fresh-install] [--screenshots DIR]
-    python -m tests.e2e --host a1111|forge [--extension PATH] --compat | --soak
+    python -m tests.e2e --host a1111|forge|neo [--extension PATH] --compat | --soak | --prompts
 
 The run, against the harness's host (../shared/tools/a1111-e2e, ../shared/tools/forge-e2e):
 1. unlinks the extension, restarts the host and takes the baseline without it (a PNG; with --ui
@@ -11,8 +11,8 @@ The run, against the harness's host (../shared/tools/a1111-e2e, ../shared/tools/
    --fresh-install spaCy and the pipeline are removed first, so install.py does its whole job;
 3. restarts the host (it must still start) and runs the API checks (api_checks.py);
 4. with --ui, the browser checks (browser.py) in headless Chromium.
-With --compat (compat.py) or --soak (soak.py) the run instead links the extension, restarts the
-host and runs only that. --extension chooses the checkout that is linked (default: this one).
+With --compat (compat.py), --soak (soak.py) or --prompts (prompt_checks.py) the run instead links the
+extension, restarts the host and runs only that. --extension chooses the checkout that is linked (default: this one).
 One line per check (name, PASS/FAIL, seconds), then `N passed, M failed`; exit status 1 on failure.
 """
 
@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import browser, compat, install_check, soak  # browser needs playwright only when --ui runs it
+from . import browser, compat, install_check, prompt_checks, soak  # browser needs playwright only for --ui
 from .api_checks import ApiChecks
 from .common import Api, Checks
 from .hosts import EXTENSION_NAME, HOSTS, ROOT
@@ -50,6 +50,7 @@ def main(argv=None) -> int:
     only = parser.add_mutually_exclusive_group()
     only.add_argument("--compat", action="store_true", help="only the matrix of host tools x our methods")
     only.add_argument("--soak", action="store_true", help="only the 100-request soak run")
+    only.add_argument("--prompts", action="store_true", help="only the AND/schedule/BREAK prompt checks")
     args = parser.parse_args(argv)
     host = HOSTS[args.host]
     extension = args.extension.resolve()
@@ -103,7 +104,7 @@ def main(argv=None) -> int:
         restart_with()
         return None if api.extension_listed() else "not listed in /sdapi/v1/scripts"
 
-    if args.compat or args.soak:
+    if args.compat or args.soak or args.prompts:
         return linked_only(args, host, extension, harness, restart_with, api, checks, started)
     if not checks.run("baseline without the extension", take_baseline):
         print(f"{checks.passed} passed, {checks.failed} failed (no baseline, nothing else run)")
@@ -120,7 +121,8 @@ def main(argv=None) -> int:
 
 
 def linked_only(args, host, extension: Path, harness, restart_with, api: Api, checks: Checks, started) -> int:
-    """--compat / --soak: link the extension (and, for --compat, the random ControlNet), restart, run."""
+    """--compat / --soak / --prompts: link the extension (and, for --compat, the random ControlNet),
+    restart, run."""
 
     def loaded():
         harness("link-ext", str(extension), EXTENSION_NAME)
@@ -131,8 +133,10 @@ def linked_only(args, host, extension: Path, harness, restart_with, api: Api, ch
 
     print(f"    extension: {extension} at {compat.git_head(extension)}", flush=True)
     if checks.run("host starts with the extension, which loads", loaded):
-        (compat if args.compat else soak).run(api, host, checks)
-    what = f"{args.host} {'compat' if args.compat else 'soak'}, {(time.time() - started) / 60:.1f} min"
+        part = compat if args.compat else soak if args.soak else prompt_checks
+        part.run(api, host, checks)
+    kind = "compat" if args.compat else "soak" if args.soak else "prompts"
+    what = f"{args.host} {kind}, {(time.time() - started) / 60:.1f} min"
     print(f"{checks.passed} passed, {checks.failed} failed ({what})")
     return 1 if checks.failed else 0
 
