@@ -14,7 +14,7 @@ DETECTED, ACTED, NOTE = f"{PREFIX} detected concepts", f"{PREFIX} acted", f"{PRE
 # per prompt: phrases the detected concepts must hold and must not hold
 PROMPTS = {
     "AND with a weight": ("a red book AND a gold clock :1.2", ("red book", "gold clock"), ()),
-    "schedule": ("[a dog:a cat:0.5] on a sofa", ("dog (steps 1–3)", "cat (steps 4–6)", "sofa"), ()),
+    "schedule": ("[a dog:a cat:0.5] on a sofa", ("dog (steps 1–4)", "cat (steps 5–6)", "sofa"), ()),
     "subtracted AND part": ("a castle on a hill AND a dragon :-1", ("castle", "hill"), ("dragon",)),
     "five BREAKs": (
         "a red cat BREAK a wooden table BREAK a garden BREAK blue sky BREAK soft light BREAK green grass",
@@ -29,7 +29,8 @@ PROMPT_METHODS = {
     "scfg": METHODS["scfg"],
     "regulation": {"regulation_enable": True, "regulation_iterations": 2},
 }
-# a note that is information, not a fallback: a scheduled target is left alone where its row lacks it
+# a note that is information, not a fallback: regulation acts on each image's first cond row, and a
+# target that row lacks at some steps (a scheduled word, the second AND part) is left alone there
 SEGMENT_NOTE = "not regulated there"
 
 
