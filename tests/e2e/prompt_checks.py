@@ -6,7 +6,7 @@ positive parts with their step ranges."""
 from __future__ import annotations
 
 from .api_checks import METHODS
-from .common import PREFIX, Api, Checks, with_extension
+from .common import PREFIX, Api, Checks, is_blank, with_extension
 from .compat import infotext_value, same_pixels
 
 SIZE = {"width": 128, "height": 128, "steps": 6}  # regulation's maps need 128 px; 6 steps show ranges
@@ -22,6 +22,10 @@ PROMPTS = {
         (),
     ),
 }
+# Forge and Neo average AND parts by their weights (sampling_function's out_cond / out_count), so parts
+# whose weights sum to 0 divide by ~1e-37 and the host's own image is NaN; there the subtracted part
+# weighs -0.5 (A1111 adds weighted differences instead and takes -1)
+FORGE_FAMILY_PROMPTS = {"subtracted AND part": "a castle on a hill AND a dragon :-0.5"}
 # the methods as the user gives them for these prompts: concepts and targets detected from the prompt
 PROMPT_METHODS = {
     "concepts": {"concepts_enable": True, "concept_warmup": 0.0},
@@ -68,6 +72,11 @@ def method_check(api: Api, prompt: str, plain: list, wanted: tuple, unwanted: tu
 
 def run(api: Api, host, checks: Checks) -> None:
     for name, (prompt, wanted, unwanted) in PROMPTS.items():
+        if host.name in ("forge", "neo"):
+            prompt = FORGE_FAMILY_PROMPTS.get(name, prompt)
         plain, _ = api.generate([False], prompt=prompt, **SIZE)
+        if is_blank(plain[0]):
+            checks.run(f"prompt {name!r}", lambda: "the host's own image is one colour (NaN) for this prompt")
+            continue
         for method in PROMPT_METHODS:
             checks.run(f"prompt {name!r} x {method}", method_check(api, prompt, plain, wanted, unwanted, method))
