@@ -35,6 +35,9 @@ IMPOSSIBLE: dict[tuple[str, str], str] = {
     # MultiDiffusion runs the UNet in tiles: a tile's attention maps are not the latent's
     ("MultiDiffusion", "scfg"): TILED_NOTE,
     ("MultiDiffusion", "regulation"): TILED_NOTE,
+    # Kohya HRFix (Deep Shrink) halves the latent inside the UNet during its window: at the matrix's
+    # 128 px the regulated layers' maps are then 2x2, below one Gaussian bump, and regulation says so
+    ("Kohya HRFix", "regulation"): "too small for one Gaussian bump",
 }
 
 CONTROLNET_FILE = "control_random_sd15"  # tests/e2e/make_random_controlnet.py writes <this>.safetensors
