@@ -15,6 +15,11 @@ def tiny_unet():
 
 
 @pytest.fixture(scope="session")
+def sdxl_unet():
+    return make_unet("tiny_sdxl", seed=0)
+
+
+@pytest.fixture(scope="session")
 def eps_denoiser(tiny_unet):
     return CompVisEpsDenoiser(tiny_unet)
 

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from tests.a1111_host import A1111StandIn, a1111_modules, model_loaded
-from tests.testbed.unet import make_unet
 
 SIZE = dict(width=128, height=128, steps=6, cfg_scale=7.5)
 PROMPT = "a red book and a gold clock"
@@ -20,11 +19,6 @@ LAYOUTS = ["sd15", "sdxl"]
 def host(tiny_unet):
     with a1111_modules():
         yield A1111StandIn(tiny_unet)
-
-
-@pytest.fixture(scope="module")
-def sdxl_unet():
-    return make_unet("tiny_sdxl", seed=0)
 
 
 @pytest.fixture(params=LAYOUTS)

@@ -183,7 +183,7 @@ class ForgePatches:
             if self.run.extra_rows:  # cost follows the schedule: only the rows a method reads now
                 used = self.run.rows_used(self.step, max(self.total_steps, 1))
                 if used != self.used:
-                    self.used, self.blocks = used, None
+                    self.used = used
                     self.blocks = self._blocks()
             options = dict(model_options)
             options["model_function_wrapper"] = self._wrapper_around(model_options.get("model_function_wrapper"))
