@@ -49,13 +49,13 @@ def _png(value: int, size: int = 8, text: str = "") -> bytes:
 
 
 def test_same_pixels_ignores_the_infotext_chunk_and_compares_every_image():
-    from tests.e2e import compat
+    from tests.e2e import common
 
     assert _png(10, text="a") != _png(10, text="b")
-    assert compat.same_pixels([_png(10, text="a")], [_png(10, text="b")])
-    assert not compat.same_pixels([_png(10)], [_png(11)])
-    assert not compat.same_pixels([_png(10), _png(10)], [_png(10), _png(12)])
-    assert not compat.same_pixels([_png(10)], [_png(10), _png(10)])
+    assert common.same_pixels([_png(10, text="a")], [_png(10, text="b")])
+    assert not common.same_pixels([_png(10)], [_png(11)])
+    assert not common.same_pixels([_png(10), _png(10)], [_png(10), _png(12)])
+    assert not common.same_pixels([_png(10)], [_png(10), _png(10)])
 
 
 def test_cell_problem_needs_both_parts_in_the_pixels_our_key_and_no_note():
@@ -172,3 +172,26 @@ def test_prompt_check_judges_notes_acted_summary_and_detected_concepts():
     segment = f'x, {pc.NOTE}: "Attention regulation: dog not in the first row; not regulated there.", {pc.ACTED}: a'
     assert pc.problem_of(segment, (), (), "regulation") is None
     assert pc.problem_of(segment, (), (), "scfg").startswith("note:")
+
+
+def test_sdxl_checkpoint_is_linked_into_the_hosts_folder_with_its_yaml_where_narrow(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from tests.e2e import models
+    from tests.e2e.hosts import HOSTS
+
+    monkeypatch.setattr(models, "CACHE", tmp_path / "cache")
+    models.CACHE.mkdir()
+    for name in ("sdxl-tiny64", "sdxl-random"):
+        (models.CACHE / f"{name}.safetensors").write_bytes(name.encode())
+    assert models.checkpoint_of(HOSTS["a1111"], "sd15") is None
+    for host_name, stem, yaml in (("a1111", "sdxl-tiny64", True), ("forge", "sdxl-random", False)):
+        host = replace(HOSTS[host_name], models=tmp_path / host_name)
+        host.models.mkdir()
+        checkpoint = models.checkpoint_of(host, "sdxl")
+        models.place(host, checkpoint)
+        placed = host.models / f"{stem}.safetensors"
+        assert placed.read_bytes() == stem.encode()
+        assert placed.stat().st_ino == (models.CACHE / placed.name).stat().st_ino  # a hard link, not a copy
+        assert (host.models / f"{stem}.yaml").exists() == yaml
+    assert "model_channels: 64" in (tmp_path / "a1111" / "sdxl-tiny64.yaml").read_text()

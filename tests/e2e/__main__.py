@@ -2,6 +2,7 @@
 
     python -m tests.e2e --host a1111|forge [--extension PATH] [--ui] [--fresh-install] [--screenshots DIR]
     python -m tests.e2e --host a1111|forge|neo [--extension PATH] --compat | --soak | --prompts
+    any of these with --model sdxl: the same checks on an SDXL-architecture checkpoint (models.py)
 
 The run, against the harness's host (../shared/tools/a1111-e2e, ../shared/tools/forge-e2e):
 1. unlinks the extension, restarts the host and takes the baseline without it (a PNG; with --ui
@@ -19,13 +20,14 @@ One line per check (name, PASS/FAIL, seconds), then `N passed, M failed`; exit s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from . import browser, compat, install_check, prompt_checks, soak  # browser needs playwright only for --ui
+from . import browser, compat, install_check, models, prompt_checks, soak  # browser needs playwright only for --ui
 from .api_checks import ApiChecks
 from .common import Api, Checks
 from .hosts import EXTENSION_NAME, HOSTS, ROOT
@@ -47,6 +49,12 @@ def main(argv=None) -> int:
         default=Path(os.environ.get("SF_E2E_EXTENSION", ROOT)),
         help="the extension checkout linked into the host (default: $SF_E2E_EXTENSION, else this repository)",
     )
+    parser.add_argument(
+        "--model",
+        choices=("sd15", "sdxl"),
+        default="sd15",
+        help="the checkpoint the checks run on: the harness's SD1.5, or random SDXL-architecture weights",
+    )
     only = parser.add_mutually_exclusive_group()
     only.add_argument("--compat", action="store_true", help="only the matrix of host tools x our methods")
     only.add_argument("--soak", action="store_true", help="only the 100-request soak run")
@@ -58,8 +66,6 @@ def main(argv=None) -> int:
         os.environ[host.ui_variable] = "1"  # the harness's restart reads it
     api = Api(host.port)
     checks = Checks()
-    baseline: dict[str, bytes] = {}
-    baseline_page_errors: list[list[str]] = []
     started = time.time()
 
     def harness(*words):
@@ -69,6 +75,9 @@ def main(argv=None) -> int:
             done.check_returncode()
 
     launch_args = os.environ.get(host.extra_args_variable, "") if host.extra_args_variable else ""
+    checkpoint = models.checkpoint_of(host, args.model)
+    if checkpoint is not None:
+        models.place(host, checkpoint)  # before the first restart: hosts list their models at start
 
     def restart_with(extra_args: str = "") -> None:
         """Restarts the host with `extra_args` after the user's own launch arguments ('' = as before)
@@ -82,6 +91,25 @@ def main(argv=None) -> int:
             if "Startup time" in host.log.read_text(errors="replace"):
                 break
             time.sleep(1)
+        if checkpoint is not None:
+            problem = models.select(api, checkpoint.name)
+            if problem:
+                raise RuntimeError(problem)
+
+    try:
+        if args.compat or args.soak or args.prompts:
+            return linked_only(args, host, extension, harness, restart_with, api, checks, started)
+        return full_run(args, host, extension, harness, restart_with, api, checks, started)
+    finally:
+        if checkpoint is not None:  # the next run starts on the harness's model again
+            with contextlib.suppress(Exception):  # a host that did not start has no model to choose
+                models.select(api, models.SD15)
+
+
+def full_run(args, host, extension: Path, harness, restart_with, api: Api, checks: Checks, started) -> int:
+    """Baseline without the extension, install.py, restart with it, the API checks, the browser checks."""
+    baseline: dict[str, bytes] = {}
+    baseline_page_errors: list[list[str]] = []
 
     def take_baseline():
         harness("unlink-ext", EXTENSION_NAME)
@@ -104,8 +132,6 @@ def main(argv=None) -> int:
         restart_with()
         return None if api.extension_listed() else "not listed in /sdapi/v1/scripts"
 
-    if args.compat or args.soak or args.prompts:
-        return linked_only(args, host, extension, harness, restart_with, api, checks, started)
     if not checks.run("baseline without the extension", take_baseline):
         print(f"{checks.passed} passed, {checks.failed} failed (no baseline, nothing else run)")
         return 1
@@ -115,7 +141,7 @@ def main(argv=None) -> int:
         if args.ui:
             browser.run(checks, api.url, args.screenshots, host.name, baseline_page_errors)
     minutes = (time.time() - started) / 60
-    what = f"{args.host}{' with UI' if args.ui else ''}, {minutes:.1f} min"
+    what = f"{args.host}{' with UI' if args.ui else ''}, {args.model}, {minutes:.1f} min"
     print(f"{checks.passed} passed, {checks.failed} failed ({what})")
     return 1 if checks.failed else 0
 
@@ -136,7 +162,7 @@ def linked_only(args, host, extension: Path, harness, restart_with, api: Api, ch
         part = compat if args.compat else soak if args.soak else prompt_checks
         part.run(api, host, checks)
     kind = "compat" if args.compat else "soak" if args.soak else "prompts"
-    what = f"{args.host} {kind}, {(time.time() - started) / 60:.1f} min"
+    what = f"{args.host} {kind}, {args.model}, {(time.time() - started) / 60:.1f} min"
     print(f"{checks.passed} passed, {checks.failed} failed ({what})")
     return 1 if checks.failed else 0
 

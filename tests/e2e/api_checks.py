@@ -6,7 +6,19 @@ import base64
 import json
 from pathlib import Path
 
-from .common import BASE, PREFIX, SCRIPT_KEY, Api, Checks, expect, is_blank, is_png, with_extension
+from .common import (
+    BASE,
+    PREFIX,
+    SCRIPT_KEY,
+    Api,
+    Checks,
+    expect,
+    infotext_value,
+    is_blank,
+    is_png,
+    same_pixels,
+    with_extension,
+)
 from .hosts import Host
 
 METHODS = {
@@ -24,6 +36,7 @@ INFOTEXT_KEYS = {
 # attention regulation's layers sit at 1/4 of the latent: at 64 px their maps are 2x2, too small for one
 # Gaussian bump, and it says so in a note; its checks use 128 px, where it acts
 REGULATION_SIZE = {"width": 128, "height": 128}
+ACTED = f"{PREFIX} acted"  # what each method did in the run (hosts/common.record_acted)
 XYZ_SCALE_AXIS = "[Semantic Fidelity] Concept steering: Concept scale"
 XYZ_EDITS_AXIS = "[Semantic Fidelity] SEGA edits: Edits"
 
@@ -40,14 +53,29 @@ class ApiChecks:
 
         return check
 
+    def plain(self, size: dict) -> bytes:
+        """The host's own image of BASE at `size` (the baseline at BASE's size), made once."""
+        key = f"txt2img {size}" if size else "txt2img"
+        if key not in self.baseline:
+            self.baseline[key] = self.api.generate([False], **size)[0][0]
+        return self.baseline[key]
+
     def method(self, names):
+        """The methods on: an image whose pixels differ from the host's, the methods' infotext keys,
+        no note, and the "acted" summary with no method that did not act."""
+
         def check():
             values = {}
             for name in names:
                 values.update(METHODS[name])
             size = REGULATION_SIZE if "regulation" in names else {}
             images, infotexts = self.api.generate(with_extension(**values), **size)
-            return expect(images, infotexts, keys=[PREFIX] + [INFOTEXT_KEYS[n] for n in names])
+            problem = expect(images, infotexts, keys=[PREFIX, ACTED] + [INFOTEXT_KEYS[n] for n in names])
+            if problem:
+                return problem
+            if "did not act" in infotext_value(infotexts[0], ACTED):
+                return f"the summary says a method did not act: {infotext_value(infotexts[0], ACTED)!r}"
+            return "same pixels as the host's own image" if same_pixels(images, [self.plain(size)]) else None
 
         return check
 

@@ -96,3 +96,31 @@ def expect(images, infotexts, count=1, keys=(), note=None, no_note=True) -> str 
     if note is None and no_note and NOTE in text:
         return f"unexpected note: {text!r}"
     return None
+
+
+def pixels(png: bytes):
+    """The decoded RGB pixels of a PNG (its bytes also carry the infotext, which differs per request)."""
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+def same_pixels(first: list[bytes], second: list[bytes]) -> bool:
+    """Whether two generations decode to the same images, image by image."""
+    import numpy as np
+
+    if len(first) != len(second):
+        return False
+    return all(np.array_equal(pixels(a), pixels(b)) for a, b in zip(first, second, strict=True))
+
+
+def infotext_value(text: str, key: str) -> str | None:
+    """The value of `key` in an infotext line (`key: value, …`; a value with commas comes quoted)."""
+    marker = f"{key}: "
+    if marker not in text:
+        return None
+    rest = text.split(marker, 1)[1]
+    if rest.startswith('"'):
+        return rest[1:].split('"', 1)[0]
+    return rest.split(", ", 1)[0].split("\n", 1)[0]

@@ -26,7 +26,7 @@ from pathlib import Path
 from guidance.hosts.forge_patches import TILED_NOTE
 
 from .api_checks import INFOTEXT_KEYS, METHODS, REGULATION_SIZE
-from .common import BASE, NOTE, SCRIPT_KEY, Api, Checks, is_blank, with_extension
+from .common import BASE, NOTE, SCRIPT_KEY, Api, Checks, infotext_value, is_blank, same_pixels, with_extension
 from .hosts import Host
 
 # (tool, method) -> why that combination cannot work. The one place where such a decision is made;
@@ -99,23 +99,6 @@ FORGE_TOOLS = (
 TOOLS = {"a1111": A1111_TOOLS, "forge": FORGE_TOOLS}
 
 
-def pixels(png: bytes):
-    """The decoded RGB pixels of a PNG (its bytes also carry the infotext, which differs per request)."""
-    import numpy as np
-    from PIL import Image
-
-    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
-
-
-def same_pixels(first: list[bytes], second: list[bytes]) -> bool:
-    """Whether two generations decode to the same images, image by image."""
-    import numpy as np
-
-    if len(first) != len(second):
-        return False
-    return all(np.array_equal(pixels(a), pixels(b)) for a, b in zip(first, second, strict=True))
-
-
 def control_image(size: int = 64) -> str:
     """A small control image (a white square on black), base64 PNG."""
     from PIL import Image, ImageDraw
@@ -148,17 +131,6 @@ def http_error(error: Exception) -> str:
             body = json.loads(body).get("errors") or json.loads(body).get("detail") or body
         return f"HTTP {error.code}: {str(body)[:160]}"
     return f"{type(error).__name__}: {str(error)[:160]}"
-
-
-def infotext_value(text: str, key: str) -> str | None:
-    """The value of `key` in an infotext line (`key: value, …`; a value with commas comes quoted)."""
-    marker = f"{key}: "
-    if marker not in text:
-        return None
-    rest = text.split(marker, 1)[1]
-    if rest.startswith('"'):
-        return rest[1:].split('"', 1)[0]
-    return rest.split(", ", 1)[0].split("\n", 1)[0]
 
 
 def cell_problem(tool_alone, ours_alone, both, method: str, impossible: str | None = None) -> str | None:

@@ -21,6 +21,7 @@ class Host:
     port: int
     root: Path  # the WebUI checkout: install.py's working directory and PYTHONPATH
     python: str  # the WebUI venv's python
+    models: Path  # the checkpoint folder the harness passes to the host
     ui_variable: str  # set to 1 to make the harness serve the gradio UI too
     hires_extra: dict = field(default_factory=dict)
     hr_upscaler: str = "Latent"  # Forge Neo has no latent upscalers
@@ -57,6 +58,7 @@ HOSTS = {
         port=int(os.environ.get("A1111_PORT", 7862)),
         root=Path(os.environ.get("A1111_DIR", "/tmp/a1111")),
         python=str(Path(os.environ.get("A1111_VENV", "/tmp/a1111-venv")) / "bin/python"),
+        models=Path(os.environ.get("A1111_MODELS", "/tmp/a1111-models")) / "Stable-diffusion",
         ui_variable="A1111_UI",
         # "Automatic" picks InvokeAI on CPU; the others are what GPU users get
         attention_optimizations=("sdp", "sdp-no-mem", "Doggettx", "Semantic Fidelity SDP"),
@@ -68,6 +70,7 @@ HOSTS = {
         port=int(os.environ.get("FORGE_PORT", 7861)),
         root=Path(os.environ.get("FORGE_DIR", "/tmp/forge")),
         python=str(Path(os.environ.get("FORGE_VENV", "/tmp/forge-venv")) / "bin/python"),
+        models=Path(os.environ.get("FORGE_MODELS", "/tmp/forge-models")) / "Stable-diffusion",
         ui_variable="FORGE_UI",
         # Forge's API crashes in the hires pass without this, and runs it without uncond at hr_cfg 1
         hires_extra={"hr_additional_modules": ["Use same choices"], "hr_cfg": 7},
@@ -85,6 +88,7 @@ HOSTS = {
         port=int(os.environ.get("NEO_PORT", 7863)),
         root=Path(os.environ.get("NEO_DIR", "/tmp/neo")),
         python=str(Path(os.environ.get("NEO_VENV", "/tmp/neo-venv")) / "bin/python"),
+        models=Path(os.environ.get("NEO_MODELS", "/tmp/neo-models")) / "Stable-diffusion",
         ui_variable="NEO_UI",
         # Neo's API shares Forge's hires handling
         hires_extra={"hr_additional_modules": ["Use same choices"], "hr_cfg": 7},

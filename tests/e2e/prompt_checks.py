@@ -6,8 +6,7 @@ positive parts with their step ranges."""
 from __future__ import annotations
 
 from .api_checks import METHODS
-from .common import PREFIX, Api, Checks, is_blank, with_extension
-from .compat import infotext_value, same_pixels
+from .common import PREFIX, Api, Checks, infotext_value, is_blank, same_pixels, with_extension
 
 SIZE = {"width": 128, "height": 128, "steps": 6}  # regulation's maps need 128 px; 6 steps show ranges
 DETECTED, ACTED, NOTE = f"{PREFIX} detected concepts", f"{PREFIX} acted", f"{PREFIX} note"

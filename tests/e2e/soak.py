@@ -15,8 +15,7 @@ import time
 from pathlib import Path
 
 from .api_checks import METHODS
-from .common import Api, Checks, with_extension
-from .compat import same_pixels
+from .common import Api, Checks, same_pixels, with_extension
 from .hosts import Host
 
 REQUESTS = 100
