@@ -1,4 +1,4 @@
-"""`python -m tests.bench [--quick] [--issue16] [--device cpu|cuda] [--dtype fp32|fp16] [--model tiny|sd15]
+"""`python -m tests.bench [--quick] [--issue16] [--device cpu|cuda] [--dtype fp32|fp16] [--model tiny|sd15|sdxl]
 [--size N ...] [--batch 1 4] [--repeats R]`: step time and peak memory of every configuration as
 ratios to plain CFG measured in the same run. Run by hand, not by CI."""
 
@@ -26,9 +26,9 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: fp16 on cuda, fp32 on cpu")
     parser.add_argument(
         "--model",
-        choices=("tiny", "sd15", "sdxl-layout"),
+        choices=("tiny", "sd15", "sdxl-layout", "sdxl"),
         action="append",
-        help="default: tiny (+ sd15 unless --quick)",
+        help="default: tiny (+ sd15 unless --quick); sdxl: SDXL's full-size UNet layout (2.6G parameters)",
     )
     parser.add_argument(
         "--issue16",
@@ -240,11 +240,11 @@ def main(argv=None) -> int:
     for model in args.model:
         if args.size:
             sizes = args.size
-        elif model == "tiny":
-            sizes = [16]
+        elif model == "tiny" or (model == "sdxl" and not cuda):
+            sizes = [16]  # SDXL's full UNet on a CPU: 2.6G parameters, seconds a row even at 128 px
         else:
             sizes = [64, 128] if cuda else [32]
-        full_on_cpu = model == "sd15" and not cuda
+        full_on_cpu = model in ("sd15", "sdxl") and not cuda
         # --quick stays under 3 minutes on a 2-core CPU: fewer steps and rounds for the test bed
         steps = args.steps or (3 if full_on_cpu else 4 if args.quick else 6)
         repeats = args.repeats or (1 if full_on_cpu else 2 if args.quick else 3)

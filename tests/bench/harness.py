@@ -109,12 +109,12 @@ BY_NAME = {c.name: c for c in CONFIGURATIONS}
 
 
 def _cache_path(model: str, seed: int) -> Path:
-    return Path(os.environ.get("SF_BENCH_CACHE", "/tmp")) / f"semantic-fidelity-bench-{model}-seed{seed}.pt"
+    return Path(os.environ.get("SF_BENCH_CACHE", "/tmp")) / f"semantic-fidelity-bench-{model}-seed{seed}.safetensors"
 
 
 def load_unet(model: str, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
-    """`make_unet(model)`; the full-size weights are cached on disk after the first build (building
-    860M random parameters takes a while and every memory subprocess needs them)."""
+    """`make_unet(model)`; the full-size weights are cached on disk (safetensors) after the first build
+    (building 860M or 2.6G random parameters takes a while and every memory subprocess needs them)."""
     from tests.testbed.unet import CONFIGS, make_unet
 
     if model in BENCH_CONFIGS:
@@ -122,17 +122,23 @@ def load_unet(model: str, device: str = "cpu", dtype: torch.dtype = torch.float3
         return make_unet(model, seed=seed, dtype=dtype, device=device)
     if model == "tiny":
         return make_unet(model, seed=seed, dtype=dtype, device=device)
+    from safetensors.torch import load_file, save_file  # no pickle: plain tensors on disk
+
     path = _cache_path(model, seed)
     if path.exists():
         from ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-        with torch.device("meta"):
-            unet = UNetModel(**CONFIGS[model])
-        unet.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), assign=True)
+        from tests.testbed.unet import SdxlUNetModel
+
+        layout = dict(CONFIGS[model])
+        with torch.device("meta"):  # no random init: the file has every weight
+            unet = (SdxlUNetModel if layout.get("num_classes") == "sequential" else UNetModel)(**layout)
+        unet.load_state_dict(load_file(path), assign=True)
         return unet.eval().to(device=device, dtype=dtype)
     unet = make_unet(model, seed=seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save(unet.state_dict(), tmp)
+    save_file({name: t.contiguous() for name, t in unet.state_dict().items()}, tmp)
     tmp.replace(path)
     return unet.to(device=device, dtype=dtype)
 
