@@ -15,6 +15,8 @@ from pathlib import Path
 
 from guidance import params
 
+from .common import same_pixels
+
 CHROMIUM = os.environ.get("SF_CHROMIUM", "/usr/bin/chromium")
 PROMPT = "a red book and a gold clock on a wooden table"
 EXPECTED_CONCEPTS = ("red book", "gold clock", "wooden table")
@@ -22,6 +24,8 @@ EDIT_PROMPT = "sunglasses"
 CHANGED_SLIDER = ("concept_scale", 11.5)  # one number moved away from its default, so paste must restore it
 SIZE_AND_STEPS = (("width", "64"), ("height", "64"), ("steps", "4"))
 TIMEOUT_MS = 300_000
+MAX_ACCORDION_HEIGHT = 700  # issue 18: the open accordion with the defaults, at a 1,400 px wide window
+PRESET_TO_PASTE = "Light"  # S-CFG only: acts at 64 px on SD1.5 and SDXL, where regulation's maps are too small
 
 
 def control_id(tab: str, key: str) -> str:
@@ -70,6 +74,13 @@ def differences(expected: dict, actual: dict) -> list[str]:
         if not same:
             out.append(f"{key}: {got!r} instead of {want!r}")
     return out
+
+
+def choose(page, block: str, option: str) -> None:
+    """Picks `option` in the gradio dropdown inside `block` (gradio 3 and 4: a text input over a list)."""
+    page.locator(f"{block} input").first.click()
+    page.locator("ul.options li", has_text=option).first.click()
+    page.wait_for_timeout(500)
 
 
 class Session:
@@ -131,6 +142,27 @@ class Session:
         )
         return json.loads(self.page.locator(f"#generation_info_{tab} textarea").input_value())["infotexts"][0]
 
+    def generate_image(self, tab: str = "txt2img") -> tuple[str, bytes]:
+        """Presses Generate and waits for this generation's info (a new job timestamp); returns the first
+        image's infotext and the first gallery image's bytes (as the host serves the file)."""
+        info = f"#generation_info_{tab} textarea"
+        before = self.page.locator(info).input_value() if self.page.locator(info).count() else ""
+        self.page.click(f"#{tab}_generate")
+        self.page.wait_for_function(
+            "([sel, before]) => { const t = document.querySelector(sel);"
+            " return t && t.value.includes('infotexts') && t.value !== before; }",
+            arg=[info, before],
+            timeout=TIMEOUT_MS,
+        )
+        self.page.wait_for_timeout(1000)  # the gallery updates in the same event
+        infotext = json.loads(self.page.locator(info).input_value())["infotexts"][0]
+        source = self.page.locator(f"#{tab}_gallery img").first.get_attribute("src")
+        if source.startswith("data:"):
+            import base64
+
+            return infotext, base64.b64decode(source.split(",", 1)[1])
+        return infotext, self.page.request.get(source).body()
+
     def paste(self, infotext: str, tab: str = "txt2img") -> None:
         """The infotext into the prompt box, then the host's paste button; waits for the prompt to be
         restored and for the controls' own change events to settle."""
@@ -158,6 +190,12 @@ def host_path_errors(url: str) -> list[list[str]]:
         session.click_tab("txt2img")
         session.prepare_prompt()
         infotext = session.generate()
+        session.open()
+        session.paste(infotext)
+        for _ in ("header switch alone", "preset restored by paste"):  # their page loads, without us
+            session.open()
+            session.prepare_prompt()
+            infotext = session.generate_image()[0]
         session.open()
         session.paste(infotext)
         return session.errors_by_load
@@ -287,6 +325,52 @@ class PersonPath:
         wrong = differences(self.used, pasted)
         return f"not restored: {wrong}" if wrong else None
 
+    def header_switch_alone(self) -> str | None:
+        """Ticking only the header switch applies the default preset: the image changes and the infotext
+        says which preset and what acted. The accordion it opens is at most MAX_ACCORDION_HEIGHT tall."""
+        page, tab = self.page, "txt2img"
+        self.session.open()
+        self.session.prepare_prompt(tab)
+        _, plain = self.session.generate_image(tab)
+        page.locator(f"#{control_id(tab, 'enable')} .label-wrap").first.click()  # opens it and switches it on
+        page.wait_for_timeout(500)
+        height = page.locator(f"#{control_id(tab, 'enable')}").bounding_box()["height"]
+        print(f"    {self.host}: the open accordion with the defaults is {height:.0f} px tall", flush=True)
+        if self.shots is not None:
+            self.shots.mkdir(parents=True, exist_ok=True)
+            page.locator(f"#{control_id(tab, 'enable')}").screenshot(path=str(self.shots / f"{self.host}-compact.png"))
+        infotext, image = self.session.generate_image(tab)
+        preset = params.BY_KEY["preset"].infotext_key
+        needed = [f"{preset}: {params.PRESET_DEFAULT}", f"{params.INFOTEXT_PREFIX} acted: "]
+        missing = [n for n in needed if n not in infotext]
+        if missing:
+            return f"infotext lacks {missing}: {infotext!r}"
+        if f"{params.INFOTEXT_PREFIX} note" in infotext or "did not act" in infotext:
+            return f"a method did not act or a note: {infotext!r}"
+        if same_pixels([image], [plain]):
+            return "the header switch alone left the image as the host makes it"
+        if height > MAX_ACCORDION_HEIGHT:
+            return f"the open accordion is {height:.0f} px tall (at most {MAX_ACCORDION_HEIGHT})"
+        return None
+
+    def preset_restored_by_paste(self) -> str | None:
+        """A preset chosen, generated, and a fresh page's paste of that infotext: the preset comes back
+        with no method ticked (it chooses the methods again)."""
+        page, tab = self.page, "txt2img"
+        self.session.open()
+        self.session.prepare_prompt(tab)
+        page.locator(f"#{control_id(tab, 'enable')} .label-wrap").first.click()
+        choose(page, f"#{control_id(tab, 'preset')}", PRESET_TO_PASTE)
+        infotext, _ = self.session.generate_image(tab)
+        if f"{params.BY_KEY['preset'].infotext_key}: {PRESET_TO_PASTE}" not in infotext:
+            return f"the infotext does not name preset {PRESET_TO_PASTE}: {infotext!r}"
+        self.session.open()
+        self.session.paste(infotext, tab)
+        expected = {"enable": True, "preset": PRESET_TO_PASTE}
+        expected.update(dict.fromkeys(params.METHOD_SWITCHES.values(), False))
+        wrong = differences(expected, read_controls(page, tab))
+        return f"not restored: {wrong}" if wrong else None
+
     def no_new_page_errors(self) -> str | None:
         loads = self.session.errors_by_load
         if len(loads) != len(self.baseline_errors):
@@ -305,6 +389,8 @@ def run(checks, url: str, shots: Path | None, host: str, baseline_errors: list[l
         checks.run("UI: switch on, Detect, add a SEGA edit", path.switch_on_detect_and_edit)
         checks.run("UI: generate 64x64, 4 steps, read the infotext", path.generate_and_read_infotext)
         checks.run("UI: paste the infotext restores every control", path.paste_restores_every_control)
+        checks.run("UI: header switch alone changes the image, says what acted; height", path.header_switch_alone)
+        checks.run("UI: a preset, generated, restored by pasting its infotext", path.preset_restored_by_paste)
         checks.run("UI: no page errors beyond the host's own", path.no_new_page_errors)
     finally:
         path.close()
