@@ -8,12 +8,16 @@ every control there is, not a chosen few.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections import Counter
 from pathlib import Path
 
+from PIL import Image
+
 from guidance import params
+from guidance.diagnostics import WIDTH as DIAGNOSTICS_WIDTH
 
 from .common import same_pixels
 
@@ -198,6 +202,9 @@ def host_path_errors(url: str) -> list[list[str]]:
             infotext = session.generate_image()[0]
         session.open()
         session.paste(infotext)
+        session.open()  # diagnostics in the gallery
+        session.prepare_prompt()
+        session.generate_image()
         return session.errors_by_load
     finally:
         session.close()
@@ -371,6 +378,30 @@ class PersonPath:
         wrong = differences(expected, read_controls(page, tab))
         return f"not restored: {wrong}" if wrong else None
 
+    def diagnostics_in_gallery(self) -> str | None:
+        """The header switch and "Show diagnostics": one picture per image after the images, with the
+        image's infotext; saved as <host>-diagnostics.png with --screenshots."""
+        page, tab = self.page, "txt2img"
+        self.session.open()
+        self.session.prepare_prompt(tab)
+        page.locator(f"#{control_id(tab, 'enable')} .label-wrap").first.click()
+        page.locator(f"#{control_id(tab, 'show_diagnostics')} input[type=checkbox]").check()
+        self.session.generate_image(tab)
+        infotexts = json.loads(page.locator(f"#generation_info_{tab} textarea").input_value())["infotexts"]
+        sources = []
+        for source in page.locator(f"#{tab}_gallery img").evaluate_all("(images) => images.map((i) => i.src)"):
+            if source not in sources:
+                sources.append(source)
+        if len(infotexts) != 2 or len(sources) != 2:
+            return f"expected the image and one picture: {len(infotexts)} infotexts, {len(sources)} gallery images"
+        picture = Image.open(io.BytesIO(page.request.get(sources[-1]).body()))
+        if picture.width != DIAGNOSTICS_WIDTH or picture.height < 200:
+            return f"the picture is {picture.width}x{picture.height}, not {DIAGNOSTICS_WIDTH} wide"
+        if self.shots is not None:
+            self.shots.mkdir(parents=True, exist_ok=True)
+            picture.save(self.shots / f"{self.host}-diagnostics.png")
+        return None
+
     def no_new_page_errors(self) -> str | None:
         loads = self.session.errors_by_load
         if len(loads) != len(self.baseline_errors):
@@ -391,6 +422,7 @@ def run(checks, url: str, shots: Path | None, host: str, baseline_errors: list[l
         checks.run("UI: paste the infotext restores every control", path.paste_restores_every_control)
         checks.run("UI: header switch alone changes the image, says what acted; height", path.header_switch_alone)
         checks.run("UI: a preset, generated, restored by pasting its infotext", path.preset_restored_by_paste)
+        checks.run("UI: Show diagnostics adds one picture to the gallery", path.diagnostics_in_gallery)
         checks.run("UI: no page errors beyond the host's own", path.no_new_page_errors)
     finally:
         path.close()
