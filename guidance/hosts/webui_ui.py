@@ -236,9 +236,12 @@ def add_settings() -> None:
     )
     info = info.info("used by new pages after Reload UI, and by API requests that name none")
     shared.opts.add_option(DEFAULT_PRESET_OPTION, info)
-    label = "Save diagnostics images (concept similarities over the steps)"
+    label = "Save diagnostics images (concept similarities over the steps, S-CFG regions)"
     diagnostics = shared.OptionInfo(False, label, gr.Checkbox, {}, section=SETTINGS_SECTION)
-    diagnostics = diagnostics.info("for the diagnostics feature: guidance/diagnostics.py draws them; not recorded yet")
+    diagnostics = diagnostics.info(
+        "the pictures that 'Show diagnostics' adds after the images, saved into the images' folder "
+        "with the suffix -semantic-fidelity when the images are saved"
+    )
     shared.opts.add_option(SAVE_DIAGNOSTICS_OPTION, diagnostics)
 
 
