@@ -45,6 +45,8 @@ class StableDiffusionProcessing:
         s_min_uncond=0.0,
         scripts=None,
         script_args=(),
+        outpath_samples=None,
+        do_not_save_samples=False,
     ):
         self.prompt, self.negative_prompt = prompt, negative_prompt
         self.seed, self.steps, self.cfg_scale = seed, steps, cfg_scale
@@ -61,8 +63,7 @@ class StableDiffusionProcessing:
         self.sampler = None
         self.c = self.uc = None
         self.iteration = 0
-        self.outpath_samples = None
-        self.do_not_save_samples = False
+        self.outpath_samples, self.do_not_save_samples = outpath_samples, do_not_save_samples
 
     def save_samples(self) -> bool:
         """Whether the generation's images are written to disk (the host also checks interruption)."""
