@@ -271,3 +271,13 @@ def test_forge_adapter_keeps_one_capture_per_image():
     assert captures[0].regions.record().regions  # S-CFG's regions of the last step
     plain, p_off = run(engine, build_settings(dict(values, show_diagnostics=False)), prompts=prompts)
     assert state_of(p_off).diagnostics == [] and torch.equal(plain, shown)
+
+
+def test_a_failure_in_recording_stops_the_log_not_the_steering():
+    from guidance.methods.concept_steering import SimilarityLog
+
+    log = SimilarityLog()
+    log.add(0, 4, torch.tensor([0.5, 0.4]), torch.tensor([0.0, 1.0]))
+    log.add(1, 4, torch.tensor([0.5, 0.4]), torch.tensor([1.0]))  # shapes that cannot be stacked
+    log.add(2, 4, torch.tensor([0.5, 0.4]), torch.tensor([0.0, 1.0]))
+    assert log.steps == [0] and log.error.startswith("RuntimeError")

@@ -131,12 +131,22 @@ def keep_diagnostics(p, planned) -> None:
         report(p, DIAGNOSTICS_NOTE.format(error=f"{type(error).__name__}: {error}"))
 
 
+def concept_capture(terms) -> object | None:
+    """What concept steering recorded among one image's terms (SEGA records nothing), or None."""
+    for term in terms:
+        capture = getattr(term, "capture", None)
+        recorded = capture() if capture is not None else None
+        if recorded is not None:
+            return recorded
+    return None
+
+
 def pass_captures(planned, first_image: int) -> list[PassCapture]:
     """Per image of the run, what its methods recorded (images whose methods recorded nothing are left out)."""
     captures = []
     regions = getattr(planned.run.region_scale, "region_capture", None)
     for image, terms in enumerate(planned.run.terms):
-        concepts = next((c for c in (getattr(t, "capture", lambda: None)() for t in terms) if c is not None), None)
+        concepts = concept_capture(terms)
         region = regions(image) if regions is not None else None
         if concepts is not None or region is not None:
             captures.append(PassCapture(first_image + image, planned.hires, concepts, region))

@@ -5,6 +5,8 @@ settings page asks for it.
 Like sd-webui-controlnet's detected maps, each picture goes to the end of `processed.images`, with
 an entry of its own in `processed.infotexts` (the gallery and the API pair them by index). A picture
 gets the infotext of the image it describes, so PNG Info and the gallery say which image it is.
+Forge's `processed.extra_images` is not used: its gallery and API show them after `images`, but
+only `images` are paired with `infotexts`.
 Nothing here may break a generation: any failure is one note and the images stay as they are.
 """
 
@@ -67,6 +69,8 @@ def append_pictures(processed, pictures: dict) -> None:
     # a host output without infotext (A1111's returned masks) would shift ours onto other pictures
     while len(processed.infotexts) < len(processed.images):
         processed.infotexts.append(getattr(processed, "info", ""))
+    for picture, text in zip(pictures.values(), texts, strict=True):
+        picture.info["parameters"] = text  # as the host marks its images (a download from the gallery keeps it)
     processed.images.extend(pictures.values())
     processed.infotexts.extend(texts)
 
