@@ -23,6 +23,8 @@ OUTSIDE_WINDOW = (236, 236, 236)  # steps before the warm-up or from the cool-do
 AXIS = (90, 90, 90)
 PALETTE = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207))
 ABSTRACT_COLOR = (110, 110, 110)
+# the six above, then four more distinct ones: regions are many more than concepts
+REGION_PALETTE = (*PALETTE, (140, 86, 75), (227, 119, 194), (188, 189, 34), (255, 187, 120))
 DOT_RADIUS = 2
 DASH, DASH_PERIOD = 6, 9
 
@@ -215,3 +217,149 @@ def _draw_legend_entry(draw, shape: Layout, index: int, trace: ConceptTrace, col
     steered = sum(bool(s) for s in trace.steered)
     label = f"{trace.name} ({kind}, threshold {trace.threshold:.2f}, steered {steered} of {len(trace.steered)} steps)"
     draw.text((shape.plot[0] + 16, y + 2), label, fill=AXIS)
+
+
+# ---------------------------------------------------------------------------------------------
+# One picture per image: its panels one below the other
+
+
+def stack(panels: Sequence[Any]):
+    """The panels (PIL images) one below the other on a white page as wide as the widest."""
+    from PIL import Image
+
+    width = max(panel.width for panel in panels)
+    page = Image.new("RGB", (width, sum(panel.height for panel in panels)), BACKGROUND)
+    top = 0
+    for panel in panels:
+        page.paste(panel.convert("RGB"), (0, top))
+        top += panel.height
+    return page
+
+
+def panels_of(capture: Any, title: str) -> list:
+    """The panels of one image's capture from one sampler run (`hosts.common.PassCapture`): concept
+    steering's plot, then S-CFG's regions, each with whatever the run recorded."""
+    panels = []
+    if capture.concepts is not None:
+        panels.append(render(capture.concepts.record(title)))
+    if capture.regions is not None:
+        panels.append(render_regions(capture.regions.record(title)))
+    return panels
+
+
+def pictures_by_image(captures: Sequence[Any], title_of) -> dict[int, Any]:
+    """{image index: its picture}, the panels of its first pass above those of its hires pass;
+    `title_of(image)` names the image in every panel's title."""
+    panels: dict[int, list] = {}
+    for capture in captures:
+        title = title_of(capture.image) + (", hires pass" if capture.hires else "")
+        panels.setdefault(capture.image, []).extend(panels_of(capture, title))
+    return {image: stack(found) for image, found in sorted(panels.items()) if found}
+
+
+# ---------------------------------------------------------------------------------------------
+# S-CFG's regions (arXiv 2404.05384): which token's attention map wins at each position, and the
+# CFG factor each such region got
+
+MAP_SIDE = 256  # the region map's longest side in pixels
+LEGEND_LEFT = MAP_SIDE + 2 * MARGIN_RIGHT + MARGIN_LEFT
+
+
+@dataclass(frozen=True)
+class RegionRecord:
+    """One image's S-CFG regions at one step: per position of the mask grid the winning token column,
+    per present column its region's clamped rate and, where known, the phrase it belongs to."""
+
+    title: str
+    step: int
+    total_steps: int
+    regions: tuple[tuple[int, ...], ...]  # (hm, wm)
+    rates: Mapping[int, float]
+    labels: Mapping[int, str]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "title": self.title,
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "regions": [list(row) for row in self.regions],
+            "rates": {str(k): v for k, v in self.rates.items()},
+            "labels": {str(k): v for k, v in self.labels.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RegionRecord:
+        return cls(
+            title=str(data.get("title", "")),
+            step=int(data["step"]),
+            total_steps=int(data["total_steps"]),
+            regions=tuple(tuple(int(v) for v in row) for row in data["regions"]),
+            rates={int(k): float(v) for k, v in data["rates"].items()},
+            labels={int(k): str(v) for k, v in data.get("labels", {}).items()},
+        )
+
+
+def region_order(record: RegionRecord) -> list[int]:
+    """The present token columns, largest region first (ties: lower column first)."""
+    area: dict[int, int] = {}
+    for row in record.regions:
+        for column in row:
+            area[column] = area.get(column, 0) + 1
+    return sorted(area, key=lambda column: (-area[column], column))
+
+
+def region_color(rank: int) -> tuple[int, int, int]:
+    """The colour of the `rank`-th largest region (the region palette, then greys)."""
+    return REGION_PALETTE[rank] if rank < len(REGION_PALETTE) else (110 + 25 * (rank % 5),) * 3
+
+
+def token_name(record: RegionRecord, column: int) -> str:
+    """A region's name: its token column, with the concept it belongs to where known (a concept of
+    several tokens has a region per token, each with its own rate)."""
+    if column in record.labels:
+        return f"{record.labels[column]} (token {column})"
+    return "start of text" if column % 77 == 0 else f"token {column}"
+
+
+def region_cell(record: RegionRecord) -> int:
+    """Pixels per mask-grid position, so that the map's longest side is at most MAP_SIDE."""
+    rows = len(record.regions)
+    columns = max((len(row) for row in record.regions), default=0)
+    return max(1, MAP_SIDE // max(rows, columns, 1))
+
+
+def render_regions(record: RegionRecord):
+    """S-CFG's panel of one image, as a PIL RGB image: the token-coloured region map on the left, each
+    region's name, share of the image and CFG factor on the right."""
+    from PIL import Image, ImageDraw
+
+    order = region_order(record)
+    height = MARGIN_TOP + max(MAP_SIDE, LEGEND_ROW * len(order)) + 8
+    image = Image.new("RGB", (WIDTH, height), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    heading = f"S-CFG regions at step {record.step + 1} of {record.total_steps}: each region's CFG factor"
+    draw.text((MARGIN_LEFT, 6), f"{record.title}: {heading}" if record.title else heading, fill=AXIS)
+    _draw_region_map(draw, record, {column: region_color(rank) for rank, column in enumerate(order)})
+    _draw_region_legend(draw, record, order)
+    return image
+
+
+def _draw_region_map(draw, record: RegionRecord, colors: Mapping[int, tuple[int, int, int]]) -> None:
+    """One filled square per mask-grid position in its region's colour."""
+    cell = region_cell(record)
+    for y, row in enumerate(record.regions):
+        for x, column in enumerate(row):
+            left, top = MARGIN_LEFT + x * cell, MARGIN_TOP + y * cell
+            draw.rectangle((left, top, left + cell - 1, top + cell - 1), fill=colors[column])
+
+
+def _draw_region_legend(draw, record: RegionRecord, order: Sequence[int]) -> None:
+    """Per region, largest first: its colour, name, share of the image and CFG factor."""
+    cells = sum(len(row) for row in record.regions) or 1
+    for rank, column in enumerate(order):
+        y = MARGIN_TOP + LEGEND_ROW * rank
+        draw.rectangle((LEGEND_LEFT, y + 3, LEGEND_LEFT + 10, y + 13), fill=region_color(rank))
+        share = sum(row.count(column) for row in record.regions) / cells
+        rate = record.rates.get(column, float("nan"))
+        label = f"{token_name(record, column)}: {share:.0%} of the image, CFG x {rate:.2f}"
+        draw.text((LEGEND_LEFT + 16, y + 2), label, fill=AXIS)

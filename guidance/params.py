@@ -414,6 +414,12 @@ _PARAM_LIST = [
        "(its setting 'only selected scripts' must then include semantic_fidelity). Concepts and regulation "
        "targets are detected from that pass's own prompt.",
        xyz=True, advanced=True),
+    _p("show_diagnostics", "Show diagnostics", "bool", False, "general", "diagnostics",
+       "Add a diagnostics picture after the images, one per image: concept steering's similarity per "
+       "concept over the steps with its threshold and the steps it steered, and S-CFG's regions with "
+       "their rates. Recorded only while this is on. Settings › Semantic Fidelity › Save diagnostics "
+       "images also saves them to the output folder.",
+       advanced=False),
 ]
 # fmt: on
 

@@ -16,7 +16,15 @@ from dataclasses import dataclass, field
 
 from .engine import GuidanceRun, ImageInfo
 from .params import Settings
-from .prompt_model import ColumnSpan, Segment, Tokenizer, end_of_text_columns, prompt_segments, token_columns
+from .prompt_model import (
+    ColumnSpan,
+    Segment,
+    Tokenizer,
+    end_of_text_columns,
+    phrase_columns,
+    prompt_segments,
+    token_columns,
+)
 from .prompts import (
     ConceptTimeline,
     PipelineMissing,
@@ -161,6 +169,9 @@ def plan_run(
         from .methods.scfg import RegionScales
 
         region_scales = RegionScales.from_settings(settings, len(images))
+        if settings.show_diagnostics:  # off: no log, nothing kept per step
+            region_scales.region_log = {}
+            region_scales.token_labels = _token_labels(segments, timelines, tokenizer)
     if "regulation" in attention_methods:
         regulator = _regulator(settings, images, segments, timelines, tokenizer, steps.calls, notes)
     router = None
@@ -175,6 +186,22 @@ def plan_run(
         detected = [timeline.describe(steps.calls) for timeline in timelines]
     hires = steps.hires_steps is not None
     return PlannedRun(run=run, router=router, notes=notes, detected_concepts=detected, hires=hires)
+
+
+def _token_labels(segments, timelines, tokenizer: Tokenizer | None) -> dict[int, dict[int, str]]:
+    """Per image, {token column: concept} in its first row, to name S-CFG's regions in the
+    diagnostics picture ({} without a tokenizer or concepts: the picture numbers the tokens)."""
+    labels: dict[int, dict[int, str]] = {}
+    if tokenizer is None:
+        return labels
+    try:
+        for image, (image_segments, timeline) in enumerate(zip(segments, timelines, strict=True)):
+            if timeline.concepts:
+                found = phrase_columns(image_segments[0].rows[0].text, timeline.concepts, tokenizer)
+                labels[image] = {column: phrase for phrase, columns in found.items() for column in columns}
+    except Exception:  # names are a nicety of the picture: numbered tokens will do
+        return {}
+    return labels
 
 
 def _concept_plan(settings: Settings, wants: set[str], segments, notes: list[str]) -> list[ConceptTimeline]:
@@ -201,11 +228,14 @@ def _additive_terms(settings: Settings, wants: set[str], timelines: Sequence[Con
     the steps its rows hold it), SEGA edits."""
     terms: list[list] = [[] for _ in timelines]
     if "concepts" in wants:
-        from .methods.concept_steering import ConceptSteering
+        from .methods.concept_steering import ConceptSteering, SimilarityLog
 
         for image, timeline in enumerate(timelines):
             if timeline.concepts:
-                terms[image].append(ConceptSteering.from_settings(settings, timeline.concepts, timeline.present))
+                steering = ConceptSteering.from_settings(settings, timeline.concepts, timeline.present)
+                if settings.show_diagnostics:  # off: no log, nothing kept per step
+                    steering.log = SimilarityLog()
+                terms[image].append(steering)
     if "sega" in wants and settings.sega_edits:
         from .methods.sega import SegaEdits
 

@@ -47,6 +47,7 @@ _common = importlib.import_module(f"{_guidance.__name__}.hosts.common")
 _xyz = importlib.import_module(f"{_guidance.__name__}.hosts.webui_xyz")
 _api = importlib.import_module(f"{_guidance.__name__}.hosts.webui_api")
 _ui = importlib.import_module(f"{_guidance.__name__}.hosts.webui_ui")
+_pictures = importlib.import_module(f"{_guidance.__name__}.hosts.webui_diagnostics")
 
 # The one registry the host requires: this host's adapter, chosen when the script module loads.
 HOST = _hosts.detect_host()
@@ -115,6 +116,8 @@ class SemanticFidelityScript(scripts.Script):
 
     def postprocess(self, p, processed, *args):
         ADAPTER.finish(p)
+        # with "Show diagnostics" on: one picture per image after the images (never raises)
+        _pictures.add_pictures(p, processed)
 
 
 def _is_sdxl(p) -> bool:

@@ -4,6 +4,7 @@ record puts it."""
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -107,3 +108,62 @@ def test_importing_costs_nothing_until_a_picture_is_drawn():
     code = "import guidance.diagnostics, sys; print('PIL' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+# ---------------------------------------------------------------------------------------------
+# Recorded by a whole run (tests/data/diagnostics_record.json: the A1111 stand-in with concept
+# steering and S-CFG, 12 steps): the concept plot, S-CFG's regions, the picture of one image
+
+RECORDED = json.loads((Path(__file__).parent / "data" / "diagnostics_record.json").read_text())
+
+
+def test_recorded_concept_plot_marks_every_step_where_recorded():
+    record = ConceptRecord.from_dict(RECORDED["concepts"])
+    assert [c.name for c in record.concepts] == ["red book", "gold clock", "abstract"]
+    assert (record.warmup, record.cooldown, record.total_steps) == (2, 12, 12)
+    image, shape = render(record), layout(record)
+    pixels = image.load()
+    for k, trace in enumerate(record.concepts):
+        color = diagnostics.color_of(k, trace)
+        marks = [_is(pixels[step_x(s, 12, shape.strip), strip_y(k, shape.strip)], color) for s in range(12)]
+        assert marks == list(trace.steered), trace.name
+    assert ConceptRecord.from_dict(json.loads(json.dumps(record.as_dict()))) == record
+
+
+def test_recorded_regions_are_drawn_in_their_tokens_colours():
+    record = diagnostics.RegionRecord.from_dict(RECORDED["regions"])
+    assert diagnostics.RegionRecord.from_dict(json.loads(json.dumps(record.as_dict()))) == record
+    order = diagnostics.region_order(record)
+    assert set(order) == set(record.rates) and 0 in order  # the start-of-text token holds a region
+    image = diagnostics.render_regions(record)
+    assert image.size == (diagnostics.WIDTH, diagnostics.MARGIN_TOP + diagnostics.MAP_SIDE + 8)
+    cell = diagnostics.region_cell(record)
+    assert cell * len(record.regions) <= diagnostics.MAP_SIDE
+    pixels = image.load()
+    for y, row in enumerate(record.regions):
+        for x, column in enumerate(row):
+            centre = (diagnostics.MARGIN_LEFT + x * cell + cell // 2, diagnostics.MARGIN_TOP + y * cell + cell // 2)
+            assert _is(pixels[centre], diagnostics.region_color(order.index(column))), (x, y)
+    for rank in range(len(order)):  # one legend swatch per region, largest first
+        swatch = (diagnostics.LEGEND_LEFT + 5, diagnostics.MARGIN_TOP + diagnostics.LEGEND_ROW * rank + 8)
+        assert _is(pixels[swatch], diagnostics.region_color(rank)), rank
+    assert diagnostics.token_name(record, 2) == "red book (token 2)"
+    assert diagnostics.token_name(record, 0) == "start of text"
+
+
+def test_one_picture_per_image_stacks_its_passes():
+    from types import SimpleNamespace
+
+    concepts = SimpleNamespace(record=lambda title: ConceptRecord.from_dict({**RECORDED["concepts"], "title": title}))
+    regions = SimpleNamespace(record=lambda title: diagnostics.RegionRecord.from_dict(RECORDED["regions"]))
+    captures = [
+        SimpleNamespace(image=0, hires=False, concepts=concepts, regions=regions),
+        SimpleNamespace(image=1, hires=False, concepts=None, regions=regions),
+        SimpleNamespace(image=0, hires=True, concepts=concepts, regions=None),
+    ]
+    pictures = diagnostics.pictures_by_image(captures, lambda image: f"image {image + 1}")
+    plot = layout(ConceptRecord.from_dict(RECORDED["concepts"])).height
+    region_panel = diagnostics.MARGIN_TOP + diagnostics.MAP_SIDE + 8
+    assert list(pictures) == [0, 1]
+    assert pictures[0].size == (diagnostics.WIDTH, plot + region_panel + plot)
+    assert pictures[1].size == (diagnostics.WIDTH, region_panel)

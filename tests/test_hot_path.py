@@ -24,6 +24,14 @@ SYNC = re.compile(r"\.(item|cpu|tolist|numpy)\(")
 # (file, the line's code with surrounding whitespace stripped): why it is not per step
 ALLOWED: dict[tuple[str, str], str] = {
     # e.g. ("guidance/hosts/a1111.py", "count = mask.sum().item()"): "run set-up in prepare(), once per run",
+    (
+        "guidance/methods/concept_steering.py",
+        "rows = torch.stack(self.log.values).tolist() if self.log.values else []",
+    ): "ConceptCapture.record: the diagnostics picture's numbers, read once per image in postprocess",
+    ("guidance/methods/scfg.py", "regions = self.regions.tolist()"): "RegionCapture.record: once per image in "
+    "postprocess, for the diagnostics picture",
+    ("guidance/methods/scfg.py", "rates = self.token_rates.tolist()"): "RegionCapture.record: once per image in "
+    "postprocess, for the diagnostics picture",
 }
 
 

@@ -173,6 +173,19 @@ def test_a1111_generation_has_no_sync_in_the_per_step_hooks(a1111, case):
     assert recorder.found == [], "\n".join(recorder.found)
 
 
+def test_a1111_generation_with_diagnostics_records_without_sync(a1111):
+    """'Show diagnostics' keeps the numbers on the device per step; they are read once per image
+    after the run (postprocess), outside the per-step hooks."""
+    values = dict(enable=True, show_diagnostics=True)
+    for method in A1111_METHODS.values():
+        values.update(method)
+    fields = dict(prompt=[PROMPT, "a red book AND a green dog:0.5"], batch_size=2, steps=4, width=128, height=128)
+    with SyncRecorder() as recorder:
+        processed = a1111.generate(args=a1111.args(**values), **fields)
+    assert len(processed.images) == 4  # the two pictures were drawn
+    assert recorder.found == [], "\n".join(recorder.found)
+
+
 FORGE_CASES = ("concepts", "sega", "scfg", "regulation", "all")
 
 

@@ -233,7 +233,7 @@ POSITIONS_BEFORE_PRESETS = [
 
 def test_positional_order_only_grows_at_the_end():
     assert [p.key for p in PARAMS[: len(POSITIONS_BEFORE_PRESETS)]] == POSITIONS_BEFORE_PRESETS
-    assert [p.key for p in PARAMS[len(POSITIONS_BEFORE_PRESETS) :]] == ["preset", "apply_detailer"]
+    assert [p.key for p in PARAMS[len(POSITIONS_BEFORE_PRESETS) :]] == ["preset", "apply_detailer", "show_diagnostics"]
 
 
 def test_labels_are_unique_and_say_which_method():

@@ -30,6 +30,7 @@ from .common import (
     REFINER_NOTE,
     batch_images,
     console,
+    keep_diagnostics,
     record_acted,
     record_plan,
     report,
@@ -178,6 +179,7 @@ class A1111Adapter:
         active = getattr(state, "active", None) if state is not None else None
         if active is not None:
             record_acted(p, active.planned)
+            keep_diagnostics(p, active.planned)
             state.active = None
             self._remove(active)
 

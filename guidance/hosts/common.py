@@ -33,6 +33,18 @@ class GenerationState:
     printed: list[str] = field(default_factory=list)  # console-only messages (`console`)
     failed: bool = False  # an error inside a hook: host CFG for the rest of this generation
     active: object | None = None  # the host adapter's patches for the sampler run in progress
+    # with "Show diagnostics" on: what each finished sampler run recorded, drawn in postprocess
+    diagnostics: list[PassCapture] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PassCapture:
+    """One image's recorded numbers from one sampler run (first or hires pass), for its picture."""
+
+    image: int  # index among the generation's images (batch after batch)
+    hires: bool
+    concepts: object | None = None  # methods.concept_steering.ConceptCapture
+    regions: object | None = None  # methods.scfg.RegionCapture
 
 
 def attach_state(p, settings: Settings | None) -> GenerationState:
@@ -102,6 +114,45 @@ def record_acted(p, planned) -> None:
     extra[ACTED_KEY] = summary
 
 
+DIAGNOSTICS_NOTE = "diagnostics: {error}; the images are unchanged, without their diagnostics picture."
+
+
+def keep_diagnostics(p, planned) -> None:
+    """After a sampler run (the adapter's finish), with "Show diagnostics" on: each image's recorded
+    numbers, kept on the generation's state until postprocess draws them. The device tensors are
+    only moved here; they are read on the host when drawn. Never raises: a failure is one note."""
+    state = state_of(p)
+    if state is None or not getattr(planned.run.settings, "show_diagnostics", False):
+        return
+    try:
+        batch_start = int(getattr(p, "iteration", 0)) * len(planned.run.images)  # every batch has batch_size images
+        state.diagnostics += pass_captures(planned, batch_start)
+    except Exception as error:
+        report(p, DIAGNOSTICS_NOTE.format(error=f"{type(error).__name__}: {error}"))
+
+
+def concept_capture(terms) -> object | None:
+    """What concept steering recorded among one image's terms (SEGA records nothing), or None."""
+    for term in terms:
+        capture = getattr(term, "capture", None)
+        recorded = capture() if capture is not None else None
+        if recorded is not None:
+            return recorded
+    return None
+
+
+def pass_captures(planned, first_image: int) -> list[PassCapture]:
+    """Per image of the run, what its methods recorded (images whose methods recorded nothing are left out)."""
+    captures = []
+    regions = getattr(planned.run.region_scale, "region_capture", None)
+    for image, terms in enumerate(planned.run.terms):
+        concepts = concept_capture(terms)
+        region = regions(image) if regions is not None else None
+        if concepts is not None or region is not None:
+            captures.append(PassCapture(first_image + image, planned.hires, concepts, region))
+    return captures
+
+
 def batch_images(p, prompts=None, seeds=None) -> list[ImageInfo]:
     """The images of the batch being sampled: `p.prompts`/`p.seeds` are the current batch's (the
     hires pass samples the same images; `p.hr_prompts` holds its prompts)."""
@@ -136,6 +187,7 @@ def settings_for_pass(p, state: GenerationState, decline_reason) -> Settings | N
     if reason is not None:
         report(p, reason)
         return None
-    if is_detailer_pass(p):  # the pass's own prompt (a face, a hand) decides what is steered
-        return state.settings.replace(concepts="", regulation_targets="")
+    if is_detailer_pass(p):  # the pass's own prompt (a face, a hand) decides what is steered; the
+        # other script owns that pass's images, so no diagnostics picture is added to them
+        return state.settings.replace(concepts="", regulation_targets="", show_diagnostics=False)
     return state.settings

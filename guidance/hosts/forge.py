@@ -15,7 +15,16 @@ from dataclasses import dataclass
 from ..params import METHOD_SWITCHES
 from ..planning import plan_run, run_steps
 from ..prompt_model import Tokenizer
-from .common import REFINER_NOTE, batch_images, record_acted, record_plan, report, settings_for_pass, state_of
+from .common import (
+    REFINER_NOTE,
+    batch_images,
+    keep_diagnostics,
+    record_acted,
+    record_plan,
+    report,
+    settings_for_pass,
+    state_of,
+)
 from .forge_patches import ForgePatches
 
 UNCOND_METHODS = ("concepts", "sega", "scfg")  # they steer against the uncond prediction
@@ -153,6 +162,7 @@ class ForgeAdapter:
         if not isinstance(run, ForgeRun):
             return
         record_acted(p, run.patches.planned)
+        keep_diagnostics(p, run.patches.planned)
         state.active = None
         if run.model is not None and p.sd_model is not run.model and run.patches.enabled:
             # Forge's refiner switch loads another model mid-run and calls no hook (forge.md §1.1): our

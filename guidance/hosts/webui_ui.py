@@ -32,6 +32,8 @@ from .. import params, prompts
 EDIT_SLOTS = 4
 DIRECTIONS = ("+", "\u2212")  # add, remove (shown as a minus sign)
 SLOT_FIELDS = ("prompt", "direction") + tuple(spec.key for spec in params.EDIT_FIELDS)
+# below every section, at the bottom of the accordion: what a run shows, not how it steers
+BOTTOM_ROW = ("show_diagnostics",)
 _PROMPT_ELEMENT = {False: "txt2img_prompt", True: "img2img_prompt"}
 _PLACEHOLDERS = {
     "concepts": "detected from the prompt",
@@ -234,9 +236,12 @@ def add_settings() -> None:
     )
     info = info.info("used by new pages after Reload UI, and by API requests that name none")
     shared.opts.add_option(DEFAULT_PRESET_OPTION, info)
-    label = "Save diagnostics images (concept similarities over the steps)"
+    label = "Save diagnostics images (concept similarities over the steps, S-CFG regions)"
     diagnostics = shared.OptionInfo(False, label, gr.Checkbox, {}, section=SETTINGS_SECTION)
-    diagnostics = diagnostics.info("for the diagnostics feature: guidance/diagnostics.py draws them; not recorded yet")
+    diagnostics = diagnostics.info(
+        "the pictures that 'Show diagnostics' adds after the images, saved into the images' folder "
+        "with the suffix -semantic-fidelity when the images are saved"
+    )
     shared.opts.add_option(SAVE_DIAGNOSTICS_OPTION, diagnostics)
 
 
@@ -395,9 +400,14 @@ def build_ui(script, is_img2img: bool) -> list:
             with accordion.extra():  # the header says what switching on does, also while closed
                 summary = _summary_box(script)
         for section in params.SECTIONS:
-            section_params = [p for p in params.PARAMS if p.section == section and p.key != "enable"]
+            section_params = [
+                p for p in params.PARAMS if p.section == section and p.key != "enable" and p.key not in BOTTOM_ROW
+            ]
             with gr.Group(elem_id=script.elem_id(f"section_{section}"), elem_classes=["sf-section"]):
                 _build_section(script, is_img2img, section, section_params, components)
+        with gr.Row(elem_id=script.elem_id("bottom_row"), elem_classes=["sf-bottom-row"]):
+            for key in BOTTOM_ROW:
+                components[key] = _component(params.BY_KEY[key], script.elem_id(key))
     _show_summary(components, summary)
     components["_summary"] = summary
     ordered = [components[p.key] for p in params.PARAMS]

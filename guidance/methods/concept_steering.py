@@ -134,6 +134,64 @@ def concept_step(
 
 
 @dataclass
+class SimilarityLog:
+    """One image's per-step similarity and gate, kept as the device tensors concept steering computed
+    them, only while diagnostics are on: read on the host once, after the run (`ConceptCapture`)."""
+
+    steps: list[int] = field(default_factory=list)
+    values: list[torch.Tensor] = field(default_factory=list)  # per step (2, n): similarity, gate
+    total_steps: int = 0
+    error: str | None = None  # why recording stopped: diagnostics never break a generation
+
+    def add(self, step: int, total_steps: int, similarity: torch.Tensor, gate: torch.Tensor) -> None:
+        """Keep one step's numbers (a stack on the device: no host read)."""
+        if self.error is not None:
+            return
+        try:
+            self.values.append(torch.stack([similarity, gate.to(similarity.dtype)]))
+            self.steps.append(step)
+            self.total_steps = total_steps
+        except Exception as error:  # the picture is optional, the image is not
+            self.error = f"{type(error).__name__}: {error}"
+
+
+@dataclass(frozen=True)
+class ConceptCapture:
+    """What the diagnostics picture needs of one image's concept steering in one sampler run, kept
+    after the run's state (momentum, history) is gone."""
+
+    names: tuple[str, ...]  # the subjects, then "abstract" when it is steered
+    thresholds: tuple[float, ...]
+    abstract: bool
+    warmup: int
+    cooldown: int
+    log: SimilarityLog
+
+    def record(self, title: str = ""):
+        """The `diagnostics.ConceptRecord`: every step's numbers read on the host in one copy."""
+        from ..diagnostics import ConceptRecord
+
+        rows = torch.stack(self.log.values).tolist() if self.log.values else []
+        traces = concept_traces(self, dict(zip(self.log.steps, rows, strict=True)), self.log.total_steps)
+        return ConceptRecord(traces, self.warmup, self.cooldown, title)
+
+
+def concept_traces(capture: ConceptCapture, rows_by_step: Mapping[int, list], total_steps: int) -> tuple:
+    """One `diagnostics.ConceptTrace` per concept from {step: [similarities, gates]}; steps without a
+    row (concept steering was not asked) have no similarity and were not steered."""
+    from ..diagnostics import ConceptTrace
+
+    traces = []
+    for k, name in enumerate(capture.names):
+        rows = [rows_by_step.get(step) for step in range(total_steps)]
+        similarity = tuple(None if row is None else row[0][k] for row in rows)
+        steered = tuple(row is not None and row[1][k] > 0 for row in rows)
+        abstract = capture.abstract and k == len(capture.names) - 1
+        traces.append(ConceptTrace(name, similarity, capture.thresholds[k], steered, abstract))
+    return tuple(traces)
+
+
+@dataclass
 class _ImageState:
     momentum: torch.Tensor | None = None
     history: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -182,6 +240,7 @@ class ConceptSteering:
         self._masks: dict[tuple, torch.Tensor] = {}
         self.state = _ImageState()
         self._finite = FiniteCheck("concept steering")
+        self.log: SimilarityLog | None = None  # set when diagnostics are on; None: nothing is kept
 
     @classmethod
     def from_settings(
@@ -251,6 +310,8 @@ class ConceptSteering:
             self.present_mask(step, image_step.eps_uncond.device),
         )
         self.state.momentum = result.momentum
+        if self.log is not None:
+            self.log.add(step, total, result.similarity, result.gate)
         history = self.state.history
         history[step] = result.similarity
         for old_step in [s for s in history if s <= step - self._base.window]:  # out of every later window
@@ -258,3 +319,15 @@ class ConceptSteering:
         if result.guidance is None:
             return None
         return (self.concept_scale * result.guidance).to(image_step.eps_uncond.dtype)
+
+    def capture(self) -> ConceptCapture | None:
+        """This image's recorded numbers with what the picture needs to read them, or None when
+        nothing was recorded (diagnostics off, or the run never asked for a step)."""
+        if self.log is None or (not self.log.steps and self.log.error is None):
+            return None
+        schedule = self.schedule(max(self.log.total_steps, 1))
+        names = self.concepts + (("abstract",) if schedule.abstract else ())
+        thresholds = (schedule.subject_threshold,) * len(self.concepts)
+        if schedule.abstract:
+            thresholds += (schedule.abstract_threshold,)
+        return ConceptCapture(names, thresholds, schedule.abstract, schedule.warmup, schedule.cooldown, self.log)

@@ -18,7 +18,7 @@ Everything stays on the device; nothing in the per-step path reads a tensor valu
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -127,6 +127,42 @@ def region_rate(
     }
 
 
+@dataclass(frozen=True)
+class RegionCapture:
+    """One image's regions at the last step S-CFG scaled, kept as device tensors only while
+    diagnostics are on; read on the host once, when the picture is drawn (`record`)."""
+
+    step: int
+    total_steps: int
+    regions: torch.Tensor  # (hm, wm): the token column whose map is largest at each position
+    token_rates: torch.Tensor  # (T,): each token's region's CFG factor, clamped as applied
+    labels: Mapping[int, str]  # token column → the phrase it belongs to (concepts), where known
+
+    def record(self, title: str = ""):
+        """The `diagnostics.RegionRecord` of this capture."""
+        from ..diagnostics import RegionRecord
+
+        regions = self.regions.tolist()
+        rates = self.token_rates.tolist()
+        present = sorted({column for row in regions for column in row})
+        return RegionRecord(
+            title=title,
+            step=self.step,
+            total_steps=self.total_steps,
+            regions=tuple(tuple(row) for row in regions),
+            rates={column: rates[column] for column in present},
+            labels={column: self.labels[column] for column in present if column in self.labels},
+        )
+
+
+def region_capture(result: Mapping[str, torch.Tensor], image_step: ImageStep, scales, labels) -> RegionCapture:
+    """The regions and the clamped per-token rates of one `region_rate` result (no host read)."""
+    ceiling = min(scales.rate_max, scales.rate_cap / image_step.cfg_scale)
+    rates = result["rate_per_token"].clamp(min=scales.rate_min).clamp_max(ceiling)
+    regions = result["ca_mask"].argmax(0)
+    return RegionCapture(image_step.step, image_step.total_steps, regions, rates, labels)
+
+
 @dataclass
 class _Accumulator:
     total: torch.Tensor | None = None
@@ -172,6 +208,10 @@ class RegionScales:
         self._fallback_blocks = 0
         self.blocks_captured = 0  # "acted" counters, counted on the Python side
         self.rate_steps: set[int] = set()
+        # with diagnostics on ({} instead of None): per image its last step's regions, and per image
+        # {token column: phrase} to name them
+        self.region_log: dict[int, RegionCapture] | None = None
+        self.token_labels: dict[int, Mapping[int, str]] = {}
 
     @classmethod
     def from_settings(cls, settings, batch_size: int) -> RegionScales:
@@ -333,7 +373,22 @@ class RegionScales:
         )
         if self.keep_intermediates:
             self.intermediates[image_step.image] = result
+        if self.region_log is not None:
+            self._log_regions(result, image_step)
         return self._finite_or_one(result["rate"], (token_maps, fore_maps)).to(direction.dtype)
+
+    def _log_regions(self, result: Mapping[str, torch.Tensor], image_step: ImageStep) -> None:
+        """Keep this step's regions of the image for its picture; a failure stops the log, not S-CFG."""
+        try:
+            labels = self.token_labels.get(image_step.image, {})
+            self.region_log[image_step.image] = region_capture(result, image_step, self, labels)
+        except Exception as error:  # the picture is optional, the image is not
+            self.region_log = None
+            self._note(f"diagnostics: S-CFG's regions are not recorded ({type(error).__name__}: {error}).")
+
+    def region_capture(self, image: int) -> RegionCapture | None:
+        """What was recorded of image `image` for the diagnostics picture; None when nothing was."""
+        return None if self.region_log is None else self.region_log.get(image)
 
     def _finite_or_one(self, rate: torch.Tensor, maps: Sequence[torch.Tensor]) -> torch.Tensor:
         """The rate, or 1 everywhere (plain CFG) when it or the maps it came from hold NaN/inf; the

@@ -100,7 +100,7 @@ def test_one_component_per_param_in_order(tabs, params):
     from modules.ui_components import InputAccordion
 
     for tab in tabs.values():
-        assert len(tab.components) == len(params.PARAMS) == 36
+        assert len(tab.components) == len(params.PARAMS) == 37
         for index, (param, component) in enumerate(zip(params.PARAMS, tab.components, strict=True)):
             assert param.position == index
             if param.key == "enable":
@@ -214,6 +214,10 @@ def test_layout_main_controls_visible_the_rest_in_closed_folds(tab, params, ui):
         inside = _all_blocks(fold)
         assert all(by_key[p.key] in inside for p in advanced)
         assert not [key for key in main_rows[section] if by_key[key] in inside]
+    # below every section, the diagnostics switch: what a run shows, not how it steers
+    bottom = [child for child in accordion.children if isinstance(child, gr.Row)]
+    assert [_children(row) for row in bottom] == [[by_key["show_diagnostics"]]]
+    assert accordion.children[-1] is bottom[0] and by_key["show_diagnostics"].value is False
     # the concepts box with Detect right below the concept switch, visible
     concepts_row = _children(groups[1])[1]
     assert _children(concepts_row) == [by_key["concepts"], tab.by_id("detect")]
@@ -254,6 +258,7 @@ def test_at_first_sight_a_few_controls(tab, params):
         "S-CFG maximum rate",
         "Attention regulation",
         "Target words",
+        "Show diagnostics",
     ]
     folded = [b for b in _all_blocks(accordion) if isinstance(b, gr.components.IOComponent) and b not in visible]
     assert len(folded) == 24 + 4 * 7 + 1  # the 24 other params, the four edit slots, the hidden echo

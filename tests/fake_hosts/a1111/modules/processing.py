@@ -22,6 +22,8 @@ class Processed:
     images: list
     infotexts: list
     extra_generation_params: dict = field(default_factory=dict)
+    index_of_first_image: int = 0  # 1 when the host puts the grid first
+    info: str = ""  # the first infotext
 
 
 class StableDiffusionProcessing:
@@ -43,6 +45,8 @@ class StableDiffusionProcessing:
         s_min_uncond=0.0,
         scripts=None,
         script_args=(),
+        outpath_samples=None,
+        do_not_save_samples=False,
     ):
         self.prompt, self.negative_prompt = prompt, negative_prompt
         self.seed, self.steps, self.cfg_scale = seed, steps, cfg_scale
@@ -59,6 +63,11 @@ class StableDiffusionProcessing:
         self.sampler = None
         self.c = self.uc = None
         self.iteration = 0
+        self.outpath_samples, self.do_not_save_samples = outpath_samples, do_not_save_samples
+
+    def save_samples(self) -> bool:
+        """Whether the generation's images are written to disk (the host also checks interruption)."""
+        return shared.opts.samples_save and not self.do_not_save_samples
 
     @property
     def sd_model(self):
@@ -272,7 +281,7 @@ def process_images(p) -> Processed:
         for index in range(samples.shape[0]):
             images.append(samples[index])
             infotexts.append(create_infotext(p, index))
-    processed = Processed(images, infotexts, dict(p.extra_generation_params))
+    processed = Processed(images, infotexts, dict(p.extra_generation_params), info=infotexts[0] if infotexts else "")
     if p.scripts is not None:
         p.scripts.postprocess(p, processed)
     return processed

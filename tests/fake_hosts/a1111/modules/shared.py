@@ -24,6 +24,8 @@ class Options:
     upcast_attn: bool = False
     pad_cond_uncond: bool = False
     cross_attention_optimization: str = "Automatic"
+    samples_save: bool = True  # "Always save all generated images"
+    samples_format: str = "png"
     data: dict = field(default_factory=dict)
     data_labels: dict = field(default_factory=dict)
 
