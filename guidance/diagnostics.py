@@ -1,9 +1,12 @@
-"""The diagnostics picture of concept steering (ConceptDiffusion, arXiv 2312.15964), one per image:
-each concept's similarity |cos(P, c)| over the steps with its threshold, the steps where its
-guidance was added, and the warm-up/cool-down window outside which nothing is steered.
+"""The diagnostics picture, one per image, a panel per method and pass. Concept steering
+(ConceptDiffusion, arXiv 2312.15964): each concept's similarity |cos(P, c)| over the steps with its
+threshold, the steps where its guidance was added, and the warm-up/cool-down window outside which
+nothing is steered. S-CFG: the region map of its last step. Attention regulation: each target
+token's attention map with the plain softmax and with the optimised bias.
 
-It is drawn with PIL (both hosts ship it) from `ConceptRecord`, a plain record of numbers that
-converts to and from JSON. Nothing here runs unless a record is drawn: PIL is imported by `render`.
+Each panel is drawn with PIL (both hosts ship it) from a plain record of numbers that converts to
+and from JSON (`ConceptRecord`, `RegionRecord`, `AttentionMapRecord`). Nothing here runs unless a
+record is drawn: PIL is imported by the render functions.
 """
 
 from __future__ import annotations
@@ -238,12 +241,15 @@ def stack(panels: Sequence[Any]):
 
 def panels_of(capture: Any, title: str) -> list:
     """The panels of one image's capture from one sampler run (`hosts.common.PassCapture`): concept
-    steering's plot, then S-CFG's regions, each with whatever the run recorded."""
+    steering's plot, S-CFG's regions, then attention regulation's maps, each with whatever the run
+    recorded."""
     panels = []
     if capture.concepts is not None:
         panels.append(render(capture.concepts.record(title)))
     if capture.regions is not None:
         panels.append(render_regions(capture.regions.record(title)))
+    if capture.attention is not None:
+        panels.append(render_attention_maps(capture.attention.record(title)))
     return panels
 
 
@@ -363,3 +369,183 @@ def _draw_region_legend(draw, record: RegionRecord, order: Sequence[int]) -> Non
         rate = record.rates.get(column, float("nan"))
         label = f"{token_name(record, column)}: {share:.0%} of the image, CFG x {rate:.2f}"
         draw.text((LEGEND_LEFT + 16, y + 2), label, fill=AXIS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention regulation (arXiv 2403.06381): each target token's cross-attention map with the plain
+# softmax and with the optimised bias, side by side on one colour scale
+
+ATTENTION_TOP = 40  # two heading lines
+ATTENTION_MAP_SIDE = 128  # each map's longest side in pixels
+TARGET_HEADER = 16  # the captions above the maps
+TARGET_ROW = TARGET_HEADER + ATTENTION_MAP_SIDE + 10
+MAP_GAP = 12
+AFTER_LEFT = MARGIN_LEFT + ATTENTION_MAP_SIDE + MAP_GAP
+NUMBERS_LEFT = AFTER_LEFT + ATTENTION_MAP_SIDE + 16
+SCALE_BAR = (160, 10)  # the colour scale's width and height
+# the colour ramp from no attention to the target's largest value: dark blue, purple, red, orange, pale yellow
+HEAT_RAMP = ((16, 16, 48), (84, 38, 138), (196, 58, 92), (247, 150, 48), (252, 246, 196))
+
+
+@dataclass(frozen=True)
+class TargetMaps:
+    """One target token's attention map (h × w, row-major) before and after regulation."""
+
+    column: int
+    label: str  # the phrase the token belongs to; "" when unknown
+    before: tuple[tuple[float, ...], ...]
+    after: tuple[tuple[float, ...], ...]
+
+
+@dataclass(frozen=True)
+class AttentionMapRecord:
+    """One image's regulation targets at one step: each target column's cross-attention, averaged
+    over the heads and over `layers` regulated layers, with the plain softmax and with the bias."""
+
+    title: str
+    step: int
+    total_steps: int
+    layers: int
+    targets: tuple[TargetMaps, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        targets = [
+            {"column": t.column, "label": t.label, "before": [list(r) for r in t.before]}
+            | {"after": [list(r) for r in t.after]}
+            for t in self.targets
+        ]
+        return {"title": self.title, "step": self.step, "total_steps": self.total_steps, "layers": self.layers} | {
+            "targets": targets
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AttentionMapRecord:
+        targets = tuple(
+            TargetMaps(int(t["column"]), str(t.get("label", "")), _grid(t["before"]), _grid(t["after"]))
+            for t in data["targets"]
+        )
+        return cls(
+            str(data.get("title", "")), int(data["step"]), int(data["total_steps"]), int(data["layers"]), targets
+        )
+
+
+def _grid(rows: Sequence[Sequence[float]]) -> tuple[tuple[float, ...], ...]:
+    return tuple(tuple(float(v) for v in row) for row in rows)
+
+
+def map_values(grid: Sequence[Sequence[float]]) -> list[float]:
+    """A map's values in row-major order."""
+    return [value for row in grid for value in row]
+
+
+def map_mean(grid: Sequence[Sequence[float]]) -> float:
+    """The mean attention over the map's positions (the share the regulation's loss aims at)."""
+    values = map_values(grid)
+    return sum(values) / len(values) if values else float("nan")
+
+
+def map_quantile(grid: Sequence[Sequence[float]], q: float) -> float:
+    """The q-quantile of the map's values, interpolated linearly between ranks (as torch.quantile)."""
+    values = sorted(map_values(grid))
+    if not values:
+        return float("nan")
+    rank = q * (len(values) - 1)
+    below = int(rank)
+    above = min(below + 1, len(values) - 1)
+    return values[below] + (values[above] - values[below]) * (rank - below)
+
+
+def share_aim(targets: int) -> float:
+    """The mean attention the regulation aims at for each of `targets` targets: min(1, 0.2·n)/n."""
+    return min(1.0, 0.2 * targets) / targets if targets else float("nan")
+
+
+def scale_top(maps: TargetMaps) -> float:
+    """The top of a target's colour scale: the largest finite value of its two maps (1e-8 at least)."""
+    values = [v for v in map_values(maps.before) + map_values(maps.after) if math.isfinite(v)]
+    return max([1e-8, *values])
+
+
+def heat_color(value: float, top: float) -> tuple[int, int, int]:
+    """The ramp's colour of `value` on a scale from 0 to `top` (clamped; non-finite: the lowest)."""
+    fraction = min(max(value / top, 0.0), 1.0) if math.isfinite(value) and top > 0 else 0.0
+    position = fraction * (len(HEAT_RAMP) - 1)
+    index = min(int(position), len(HEAT_RAMP) - 2)
+    low, high, t = HEAT_RAMP[index], HEAT_RAMP[index + 1], position - index
+    return tuple(round(a + (b - a) * t) for a, b in zip(low, high, strict=True))
+
+
+def attention_cell(maps: TargetMaps) -> int:
+    """Pixels per map position, so that the map's longest side is at most ATTENTION_MAP_SIDE."""
+    rows = len(maps.before)
+    columns = max((len(row) for row in maps.before), default=0)
+    return max(1, ATTENTION_MAP_SIDE // max(rows, columns, 1))
+
+
+def attention_panel_height(record: AttentionMapRecord) -> int:
+    """The panel's height: the heading, then one row per target."""
+    return ATTENTION_TOP + TARGET_ROW * len(record.targets) + 8
+
+
+def target_top(index: int) -> int:
+    """The y of the top of target `index`'s maps."""
+    return ATTENTION_TOP + TARGET_ROW * index + TARGET_HEADER
+
+
+def target_name(maps: TargetMaps) -> str:
+    """A target's name: its phrase and token column, or its column alone."""
+    return f"{maps.label} (token {maps.column})" if maps.label else f"token {maps.column}"
+
+
+def render_attention_maps(record: AttentionMapRecord):
+    """Attention regulation's panel of one image, as a PIL RGB image: per target its map with the
+    plain softmax (left) and with the bias (right) on one colour scale, and their mean and 90th
+    percentile with the values the regulation aims at."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (WIDTH, attention_panel_height(record)), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    heading = f"attention regulation at step {record.step + 1} of {record.total_steps}"
+    draw.text((MARGIN_LEFT, 6), f"{record.title}: {heading}" if record.title else heading, fill=AXIS)
+    detail = f"each target token's cross-attention, mean of the heads and of {record.layers} regulated layers"
+    draw.text((MARGIN_LEFT, 22), detail, fill=AXIS)
+    for index, maps in enumerate(record.targets):
+        _draw_target(draw, record, index, maps)
+    return image
+
+
+def _draw_target(draw, record: AttentionMapRecord, index: int, maps: TargetMaps) -> None:
+    """One target's row: captions, the two maps on its colour scale, its numbers and the scale."""
+    top, top_value = target_top(index), scale_top(maps)
+    draw.text((MARGIN_LEFT, top - TARGET_HEADER + 2), "before (plain softmax)", fill=AXIS)
+    draw.text((AFTER_LEFT, top - TARGET_HEADER + 2), "after (with the bias)", fill=AXIS)
+    _draw_heat_map(draw, maps.before, (MARGIN_LEFT, top), attention_cell(maps), top_value)
+    _draw_heat_map(draw, maps.after, (AFTER_LEFT, top), attention_cell(maps), top_value)
+    aim = share_aim(len(record.targets))
+    lines = (
+        target_name(maps),
+        f"mean {map_mean(maps.before):.3f} -> {map_mean(maps.after):.3f} (aim {aim:.3f})",
+        f"90th percentile {map_quantile(maps.before, 0.9):.3f} -> {map_quantile(maps.after, 0.9):.3f} (aim 0.9)",
+    )
+    for line_index, line in enumerate(lines):
+        draw.text((NUMBERS_LEFT, top + 2 + LEGEND_ROW * line_index), line, fill=AXIS)
+    _draw_scale(draw, (NUMBERS_LEFT, top + 2 + LEGEND_ROW * len(lines) + 4), top_value)
+
+
+def _draw_heat_map(draw, grid, origin: tuple[int, int], cell: int, top_value: float) -> None:
+    """One filled square per map position in the ramp's colour of its value."""
+    left, top = origin
+    for y, row in enumerate(grid):
+        for x, value in enumerate(row):
+            x0, y0 = left + x * cell, top + y * cell
+            draw.rectangle((x0, y0, x0 + cell - 1, y0 + cell - 1), fill=heat_color(value, top_value))
+
+
+def _draw_scale(draw, origin: tuple[int, int], top_value: float) -> None:
+    """The colour scale from 0 (left) to the target's top value (right), labelled at both ends."""
+    left, top = origin
+    width, height = SCALE_BAR
+    for x in range(width):
+        draw.line((left + x, top, left + x, top + height - 1), fill=heat_color(top_value * x / (width - 1), top_value))
+    draw.text((left, top + height + 2), "0", fill=AXIS)
+    draw.text((left + width - 36, top + height + 2), f"{top_value:.3f}", fill=AXIS)

@@ -289,7 +289,26 @@ def _regulator(settings, images, segments, timelines, tokenizer, calls, notes):
 
     first = [image_spans[0] for image_spans in spans]
     targets, eos = [list(span.columns) for span in first], [list(span.end_of_text) for span in first]
-    return AttentionRegulator.from_settings(settings, targets, [i.seed for i in images], eos_columns=eos, spans=spans)
+    regulator = AttentionRegulator.from_settings(
+        settings, targets, [i.seed for i in images], eos_columns=eos, spans=spans
+    )
+    if settings.show_diagnostics:  # off: no log, nothing kept per step
+        regulator.map_log = {}
+        regulator.target_labels = _target_labels(segments, user_targets or None, timelines, tokenizer)
+    return regulator
+
+
+def _target_labels(segments, phrases, timelines, tokenizer: Tokenizer) -> list[list[dict[int, str]]]:
+    """Per image and segment, {target column: phrase} in the segment's first row, to name the targets
+    in the diagnostics picture (`phrases`, else the image's concepts); [] where naming fails."""
+    labels = []
+    for image_segments, timeline in zip(segments, timelines, strict=True):
+        try:
+            found = [phrase_columns(s.rows[0].text, phrases or timeline.concepts, tokenizer) for s in image_segments]
+        except Exception:  # names are a nicety of the picture: numbered tokens will do
+            found = []
+        labels.append([{c: phrase for phrase, columns in f.items() for c in columns} for f in found])
+    return labels
 
 
 def _absent_targets_note(absent: dict[str, list[tuple[int, int]]], calls: int) -> str:

@@ -45,6 +45,7 @@ class PassCapture:
     hires: bool
     concepts: object | None = None  # methods.concept_steering.ConceptCapture
     regions: object | None = None  # methods.scfg.RegionCapture
+    attention: object | None = None  # methods.attention_regulation.AttentionMapCapture
 
 
 def attach_state(p, settings: Settings | None) -> GenerationState:
@@ -145,11 +146,13 @@ def pass_captures(planned, first_image: int) -> list[PassCapture]:
     """Per image of the run, what its methods recorded (images whose methods recorded nothing are left out)."""
     captures = []
     regions = getattr(planned.run.region_scale, "region_capture", None)
+    maps = getattr(getattr(planned.router, "regulator", None), "map_capture", None)
     for image, terms in enumerate(planned.run.terms):
         concepts = concept_capture(terms)
         region = regions(image) if regions is not None else None
-        if concepts is not None or region is not None:
-            captures.append(PassCapture(first_image + image, planned.hires, concepts, region))
+        attention = maps(image) if maps is not None else None
+        if concepts is not None or region is not None or attention is not None:
+            captures.append(PassCapture(first_image + image, planned.hires, concepts, region, attention))
     return captures
 
 

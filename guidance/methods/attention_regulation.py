@@ -14,12 +14,16 @@ columns change, so the softmax needs only the log-sum-exp of the other columns, 
 loss is per image (each image is optimised as the authors optimise a batch of one), images with the
 same number of targets are batched, and the keep-best selection is done with `torch.where` so the
 per-step path never synchronises with the device.
+
+With "Show diagnostics" on (`map_log`), each regulated layer also keeps, per image, the
+head-averaged maps of the target columns before (plain softmax) and after (with the bias) on the
+device; `map_capture` averages the layers of the image's last regulated step for its picture.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -175,6 +179,67 @@ def restored_columns(targets: Sequence[int], eos: int | Sequence[int] | None) ->
 
 
 @dataclass
+class StepMaps:
+    """One image's target maps at one step, while diagnostics are on: per layer that applied a bias,
+    its map size and the head-averaged target columns (N, n_t) before and after, on the device."""
+
+    step: int
+    columns: tuple[int, ...]
+    layers: dict = field(default_factory=dict)  # layer -> (map size, before, after)
+
+
+def head_averaged_targets(probs: torch.Tensor, targets: Sequence[int]) -> torch.Tensor:
+    """(heads, N, M) probabilities → their target columns averaged over the heads (N, n_t)."""
+    return target_columns(probs, targets).mean(dim=0)
+
+
+def representative_maps(layers: Mapping) -> tuple[tuple[int, int], torch.Tensor, torch.Tensor, int]:
+    """The map size most of the layers have (ties: the larger map), and the mean over those layers
+    of the before and after maps (N, n_t), with their count; device work only, no host read."""
+    by_size: dict[tuple[int, int], list] = {}
+    for size, before, after in layers.values():
+        by_size.setdefault(size, []).append((before, after))
+    size = max(by_size, key=lambda s: (len(by_size[s]), s[0] * s[1]))
+    chosen = by_size[size]
+    before = torch.stack([pair[0] for pair in chosen]).mean(dim=0)
+    after = torch.stack([pair[1] for pair in chosen]).mean(dim=0)
+    return size, before, after, len(chosen)
+
+
+@dataclass(frozen=True)
+class AttentionMapCapture:
+    """One image's target maps for the diagnostics picture: the layer-averaged, head-averaged
+    attention of each target column before and after regulation at one step, kept on the device
+    until the picture is drawn (`record` reads them in one copy)."""
+
+    step: int
+    total_steps: int
+    map_size: tuple[int, int]
+    columns: tuple[int, ...]
+    labels: Mapping[int, str]  # target column → the phrase it belongs to, where known
+    layers: int
+    before: torch.Tensor  # (h·w, n_t)
+    after: torch.Tensor  # (h·w, n_t)
+
+    def record(self, title: str = ""):
+        """The `diagnostics.AttentionMapRecord` of this capture."""
+        from ..diagnostics import AttentionMapRecord, TargetMaps
+
+        before, after = torch.stack([self.before, self.after]).float().tolist()
+        h, w = self.map_size
+        targets = tuple(
+            TargetMaps(column, self.labels.get(column, ""), grid_of(before, t, h, w), grid_of(after, t, h, w))
+            for t, column in enumerate(self.columns)
+        )
+        return AttentionMapRecord(title, self.step, self.total_steps, self.layers, targets)
+
+
+def grid_of(rows: Sequence[Sequence[float]], target: int, h: int, w: int) -> tuple[tuple[float, ...], ...]:
+    """Target `target`'s column of (h·w, n_t) nested lists as an h × w grid (row-major positions)."""
+    return tuple(tuple(rows[y * w + x][target] for x in range(w)) for y in range(h))
+
+
+@dataclass
 class _LayerState:
     step: int
     best: torch.Tensor  # (heads, N, n_t) raw best bias of that step
@@ -228,6 +293,11 @@ class AttentionRegulator:
         # layer -> the layer whose bias of the same step it applies instead of optimising its own
         # (set by the router from the layer choice: later transformers of a chosen SDXL block)
         self.leaders: dict = {}
+        # with diagnostics on ({} instead of None): per image its last regulated step's target maps,
+        # and per image and span (`spans`) {target column: phrase} to name them
+        self.map_log: dict[int, StepMaps] | None = None
+        self.target_labels: list[list[Mapping[int, str]]] | None = None
+        self.total_steps = 0
 
     @classmethod
     def from_settings(
@@ -268,6 +338,7 @@ class AttentionRegulator:
 
     def active(self, step: int, total_steps: int) -> bool:
         self.at_step(step)
+        self.total_steps = total_steps
         return any(self.targets) and step < schedule_index(self.end, total_steps)
 
     def _generator(self, image: int, device: torch.device) -> torch.Generator:
@@ -292,7 +363,7 @@ class AttentionRegulator:
             return given.to(device=device, dtype=torch.float32)
         return torch.rand(shape, generator=self._generator(image, torch.device(device)), device=device)
 
-    def _shared_probabilities(self, layer, scores, probs, images: Sequence[int], heads: int, step: int):
+    def _shared_probabilities(self, layer, scores, probs, images: Sequence[int], heads: int, step: int, map_size):
         """A follower layer (`leaders`) applies the blended bias its leader found at this step to its
         own scores, without optimising; None when the leader has no bias of this step and shape for
         every image with targets (then the layer optimises its own)."""
@@ -313,6 +384,8 @@ class AttentionRegulator:
             pieces.append(edited_probabilities(edited, scores[rows], self.restore[image]))
             if self.record is not None:
                 self.record[(layer, image)] = {"probs": pieces[-1], "shared_from": leader}
+            if self.map_log is not None:
+                self._log_maps(layer, image, step, map_size, probs[rows], pieces[-1])
         self.layers_shared.add(layer)
         return torch.cat(pieces)
 
@@ -342,6 +415,46 @@ class AttentionRegulator:
         """A note from the router (e.g. layers whose maps match no level of the latent), once."""
         self._note(message)
 
+    def _log_maps(self, layer, image: int, step: int, map_size, plain: torch.Tensor, edited: torch.Tensor) -> None:
+        """Keep one layer's head-averaged target maps of the image, before (`plain`, its softmax) and
+        after (`edited`), both (heads, N, M); a new step replaces the older one's. Device work only;
+        a failure stops the log (one note), never the regulation."""
+        try:
+            current = self.map_log.get(image)
+            if current is None or current.step != step:
+                current = self.map_log[image] = StepMaps(step, tuple(self.targets[image]))
+            columns = current.columns
+            current.layers[layer] = (
+                tuple(map_size),
+                head_averaged_targets(plain, columns),
+                head_averaged_targets(edited, columns),
+            )
+        except Exception as error:  # the picture is optional, the image is not
+            self.map_log = None
+            self._note(f"diagnostics: attention regulation's maps are not recorded ({type(error).__name__}: {error}).")
+
+    def map_capture(self, image: int) -> AttentionMapCapture | None:
+        """What was recorded of image `image` for the diagnostics picture: its targets' maps at the
+        last step regulation acted on it, averaged over that step's regulated layers of the most common
+        map size. That step shows the bias at its strongest in the picture's sense: the latest state
+        the optimisation reached, with the decay and blending applied as the UNet saw them. None when
+        nothing was recorded."""
+        maps = None if self.map_log is None else self.map_log.get(image)
+        if maps is None or not maps.layers:
+            return None
+        size, before, after, count = representative_maps(maps.layers)
+        labels = self.labels_at(image, maps.step)
+        return AttentionMapCapture(maps.step, self.total_steps, size, maps.columns, labels, count, before, after)
+
+    def labels_at(self, image: int, step: int) -> Mapping[int, str]:
+        """{target column: phrase} of the image's span holding `step` ({} when unknown)."""
+        if self.target_labels is None or self.spans is None:
+            return {}
+        for span, labels in zip(self.spans[image], self.target_labels[image], strict=False):
+            if span.first_step <= step <= span.last_step:
+                return labels
+        return {}
+
     def remember(self, layer, image: int, step: int, best: torch.Tensor) -> None:
         """Sets a layer's raw best bias (heads, N, n_t) of an earlier step (restoring state)."""
         self._state[(layer, image)] = _LayerState(step, best, best)
@@ -362,7 +475,7 @@ class AttentionRegulator:
         probs = scores.softmax(dim=-1)
         if basis.shape[0] == 0:
             return probs
-        shared = self._shared_probabilities(layer, scores, probs, images, heads, step)
+        shared = self._shared_probabilities(layer, scores, probs, images, heads, step, map_size)
         if shared is not None:
             return shared
         groups: dict[int, list[int]] = {}
@@ -412,6 +525,8 @@ class AttentionRegulator:
                 plain = group_scores[j * heads : (j + 1) * heads]
                 edited = edited_scores(plain, self.targets[image], decay * blended)
                 pieces[s] = edited_probabilities(edited, plain, self.restore[image])
+                if self.map_log is not None:
+                    self._log_maps(layer, image, step, map_size, probs[s * heads : (s + 1) * heads], pieces[s])
                 if self.record is not None:
                     self.record[(layer, image)] = {
                         "loss_per_iter": torch.stack([loss[j] for loss in result.losses]),
