@@ -416,8 +416,9 @@ _PARAM_LIST = [
        xyz=True, advanced=True),
     _p("show_diagnostics", "Show diagnostics", "bool", False, "general", "diagnostics",
        "Add a diagnostics picture after the images, one per image: concept steering's similarity per "
-       "concept over the steps with its threshold and the steps it steered, and S-CFG's regions with "
-       "their rates. Recorded only while this is on. Settings › Semantic Fidelity › Save diagnostics "
+       "concept over the steps with its threshold and the steps it steered, S-CFG's regions with "
+       "their rates, and each attention-regulation target's attention map before and after its bias. "
+       "Recorded only while this is on. Settings › Semantic Fidelity › Save diagnostics "
        "images also saves them to the output folder.",
        advanced=False),
 ]

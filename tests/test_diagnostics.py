@@ -157,9 +157,9 @@ def test_one_picture_per_image_stacks_its_passes():
     concepts = SimpleNamespace(record=lambda title: ConceptRecord.from_dict({**RECORDED["concepts"], "title": title}))
     regions = SimpleNamespace(record=lambda title: diagnostics.RegionRecord.from_dict(RECORDED["regions"]))
     captures = [
-        SimpleNamespace(image=0, hires=False, concepts=concepts, regions=regions),
-        SimpleNamespace(image=1, hires=False, concepts=None, regions=regions),
-        SimpleNamespace(image=0, hires=True, concepts=concepts, regions=None),
+        SimpleNamespace(image=0, hires=False, concepts=concepts, regions=regions, attention=None),
+        SimpleNamespace(image=1, hires=False, concepts=None, regions=regions, attention=None),
+        SimpleNamespace(image=0, hires=True, concepts=concepts, regions=None, attention=None),
     ]
     pictures = diagnostics.pictures_by_image(captures, lambda image: f"image {image + 1}")
     plot = layout(ConceptRecord.from_dict(RECORDED["concepts"])).height

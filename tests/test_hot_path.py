@@ -32,6 +32,10 @@ ALLOWED: dict[tuple[str, str], str] = {
     "postprocess, for the diagnostics picture",
     ("guidance/methods/scfg.py", "rates = self.token_rates.tolist()"): "RegionCapture.record: once per image in "
     "postprocess, for the diagnostics picture",
+    (
+        "guidance/methods/attention_regulation.py",
+        "before, after = torch.stack([self.before, self.after]).float().tolist()",
+    ): "AttentionMapCapture.record: once per image in postprocess, for the diagnostics picture",
 }
 
 

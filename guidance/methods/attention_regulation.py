@@ -434,11 +434,18 @@ class AttentionRegulator:
             self._note(f"diagnostics: attention regulation's maps are not recorded ({type(error).__name__}: {error}).")
 
     def map_capture(self, image: int) -> AttentionMapCapture | None:
-        """What was recorded of image `image` for the diagnostics picture: its targets' maps at the
-        last step regulation acted on it, averaged over that step's regulated layers of the most common
-        map size. That step shows the bias at its strongest in the picture's sense: the latest state
-        the optimisation reached, with the decay and blending applied as the UNet saw them. None when
-        nothing was recorded."""
+        """What was recorded of image `image` for the diagnostics picture, or None: its targets' maps
+        at the last step regulation acted on it, averaged over the heads and over that step's
+        regulated layers of the most common map size.
+
+        Why this step and these layers: the last regulated step's bias is the end of the blended
+        history (each step's bias carries the previous ones), so it shows where the regulation
+        brought the attention, as the UNet used it (blend and decay applied), and keeping only one
+        step makes the log's size independent of the step count. The loss is per head but the
+        layer's output mixes all heads, so their mean is what the layer attends to; the regulated
+        layers share one resolution in the paper's choice (SD1: 16×16 at 512 px), and their mean
+        is one map per target instead of five near-copies (other choices mix sizes: the size most
+        layers have is kept)."""
         maps = None if self.map_log is None else self.map_log.get(image)
         if maps is None or not maps.layers:
             return None
