@@ -40,6 +40,9 @@ IMPOSSIBLE: dict[tuple[str, str], str] = {
     ("Kohya HRFix", "regulation"): "too small for one Gaussian bump",
     ("MultiDiffusion (img2img)", "scfg"): TILED_NOTE,
     ("MultiDiffusion (img2img)", "regulation"): TILED_NOTE,
+    # ToMe merges the self-attention queries of the full-resolution layers: those maps are not the latent's
+    # pixels, so S-CFG captures the other layers only and says so
+    ("Token Merging", "scfg"): "an extension such as ToMe or Hypertile reshapes them",
 }
 
 CONTROLNET_FILE = "control_random_sd15"  # tests/e2e/make_random_controlnet.py writes <this>.safetensors
@@ -55,6 +58,9 @@ class Tool:
     settings: tuple[tuple[int, str, object], ...] = ()
     request: dict = field(default_factory=dict)  # what the tool needs in every request of its row (batch 2, …)
     switch: dict = field(default_factory=dict)  # request fields that switch a host setting on (override_settings)
+    # the host settings' off values, written into the host's settings before the run: Neo restores an
+    # override after the request only for a setting its settings already hold
+    off: dict = field(default_factory=dict)
     controlnet_module: str = ""  # set for ControlNet rows: the host's name of the preprocessor
     controlnet_unit: dict = field(default_factory=dict)  # more unit fields; a "model" there needs no file
     kind: str = "txt2img"  # img2img for a tool the host shows only there
@@ -108,9 +114,13 @@ FORGE_TOOLS = (
 NEO_TOOLS = (
     Tool("RescaleCFG", "rescalecfg", ((0, "Rescale CFG", 0.7),), show_options={"show_rescale_cfg": True}),
     Tool("MaHiRo", "mahiro", ((0, "MaHiRo", True),), show_options={"show_mahiro": True}),
-    Tool("Epsilon Scaling", switch={"override_settings": {"scaling_factor": 1.05}}),
-    Tool("Skip Early CFG", switch={"override_settings": {"skip_early_cond": 0.5}}),
-    Tool("Token Merging", switch={"override_settings": {"token_merging_ratio": 0.5}}),
+    Tool("Epsilon Scaling", switch={"override_settings": {"scaling_factor": 1.05}}, off={"scaling_factor": 1.0}),
+    Tool("Skip Early CFG", switch={"override_settings": {"skip_early_cond": 0.5}}, off={"skip_early_cond": 0.0}),
+    Tool(
+        "Token Merging",
+        switch={"override_settings": {"token_merging_ratio": 0.5}},
+        off={"token_merging_ratio": 0.0},
+    ),
     Tool(
         "MultiDiffusion (img2img)",
         "multidiffusion integrated",
@@ -337,16 +347,18 @@ def matrix_text(tools, results: dict[tuple[str, str], str | None], width: int = 
     return "\n".join(lines)
 
 
-def set_show_options(api: Api, host: Host) -> bool:
-    """Sets the host options without which a row's script is not shown; True when one changed (the host
-    then needs a restart: scripts decide whether they show at start)."""
-    wanted = {}
+def set_host_options(api: Api, host: Host) -> bool:
+    """Writes the host settings' off values and the options without which a row's script is not shown;
+    True when one of the latter changed (the host then needs a restart: scripts decide at start)."""
+    shown, off = {}, {}
     for tool in TOOLS[host.name]:
-        wanted.update(tool.show_options)
-    current = api.call("/sdapi/v1/options") if wanted else {}
-    changed = {key: value for key, value in wanted.items() if current.get(key) != value}
-    if changed:
-        api.call("/sdapi/v1/options", changed)
+        shown.update(tool.show_options)
+        off.update(tool.off)
+    if not (shown or off):
+        return False
+    current = api.call("/sdapi/v1/options")
+    changed = {key: value for key, value in shown.items() if current.get(key) != value}
+    api.call("/sdapi/v1/options", dict(off, **changed))
     return bool(changed)
 
 
