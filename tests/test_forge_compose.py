@@ -18,7 +18,7 @@ import torch
 
 from guidance.hosts.common import NOTE_KEY, attach_state, state_of
 from guidance.hosts.forge import ForgeAdapter
-from guidance.hosts.forge_patches import TILED_NOTE
+from guidance.hosts.forge_patches import TILED_NOTE, UNSEEN_LATENT_NOTE
 from guidance.params import build_settings
 from tests.testbed.forge import (
     ForgeDiffusionEngine,
@@ -354,3 +354,29 @@ def test_the_refiner_switch_is_reported():
         "the refiner took over at step 5 of 6; Semantic Fidelity steered the steps before it only "
         "(its extra prompts and attention routing belong to the first model)."
     )
+
+
+class LatentReplacingPreCfg(Tool):
+    """A pre-CFG function that hands the UNet a new latent (ControlNet's inpaint_only blends the noised
+    image in, forge_preprocessor_inpaint)."""
+
+    def install(self, unet, p):
+        def pre_cfg(model, cond, uncond, x, timestep, model_options):
+            self.calls += 1
+            return model, cond, uncond, x * 0.9, timestep, model_options
+
+        unet.set_model_sampler_pre_cfg_function(pre_cfg)
+
+
+def test_a_latent_replaced_before_our_pre_cfg_function_is_said():
+    """Installed before ours, it replaces the latent our conditioning modifier noted: the host's
+    sampling pass is then not recognised, each step is left to the host, and one note says so."""
+    TOOLS["latent-replacing pre-CFG"] = LatentReplacingPreCfg
+    try:
+        both, p, tool = _generate("latent-replacing pre-CFG", "sega", ours_first=False)
+        theirs = _generate("latent-replacing pre-CFG", None)[0]
+    finally:
+        del TOOLS["latent-replacing pre-CFG"]
+    assert tool.calls == p.steps
+    assert p.extra_generation_params[NOTE_KEY] == UNSEEN_LATENT_NOTE
+    torch.testing.assert_close(both, theirs, rtol=0, atol=0)

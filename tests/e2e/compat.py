@@ -7,7 +7,9 @@ and carries no `Semantic Fidelity note` (no silent fallback), unless the combina
 impossible in IMPOSSIBLE. A tool that alone does not change the image against plain CFG proves
 nothing: then its whole row fails. Each tool is switched on through `alwayson_scripts` with its
 `ui()` argument list; the runner fills the positions it does not set from /sdapi/v1/script-info
-and checks that each position it sets carries the expected label.
+and checks that each position it sets carries the expected label. A host setting (Neo's Token
+Merging, Epsilon Scaling, Skip Early CFG) is switched on by `override_settings` in (a) and (c) only;
+a tool the host shows in img2img only (Neo's MultiDiffusion) gets its three generations there.
 """
 
 from __future__ import annotations
