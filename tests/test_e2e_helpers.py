@@ -113,9 +113,40 @@ def test_every_row_names_its_script_and_the_controlnet_rows_their_preprocessor()
 
     for tools in compat.TOOLS.values():
         assert len({t.name for t in tools}) == len(tools)
-        assert all(t.script == t.script.lower() and (t.settings or t.controlnet_module) for t in tools)
+        scripts = [t for t in tools if t.script]
+        assert all(t.script == t.script.lower() and (t.settings or t.controlnet_module) for t in scripts)
+        # a row without a script is a host setting that the request switches on
+        assert all(t.switch and not t.settings for t in tools if not t.script)
     assert [t.controlnet_module for t in compat.A1111_TOOLS if t.controlnet_module] == ["none"]
     assert [t.controlnet_module for t in compat.FORGE_TOOLS if t.controlnet_module] == ["None"]
+    assert [t.controlnet_module for t in compat.NEO_TOOLS if t.controlnet_module] == ["None", "reference_only"]
+    assert [t.name for t in compat.NEO_TOOLS if t.kind == "img2img"] == ["MultiDiffusion (img2img)"]
+
+
+def test_a_neo_row_is_switched_on_in_its_own_requests_only():
+    """(a) the tool alone and (c) both carry the row's switch and img2img's init image; (b) ours alone not."""
+    from tests.e2e import compat
+
+    sent = []
+
+    class Recorder:
+        def call(self, path, payload=None):
+            sent.append((path, payload))
+            return {"images": [], "info": '{"infotexts": []}'}
+
+    runner = compat.Compat(Recorder(), type("Host", (), {"name": "neo"})())
+    tome = next(t for t in compat.NEO_TOOLS if t.name == "Token Merging")
+    runner.cell_problem(tome, {}, "sega")
+    paths = [path for path, _ in sent]
+    assert paths == ["/sdapi/v1/txt2img"] * 3
+    switched = [payload.get("override_settings") for _, payload in sent]
+    assert switched == [{"token_merging_ratio": 0.5}, None, {"token_merging_ratio": 0.5}]
+    sent.clear()
+    tiles = next(t for t in compat.NEO_TOOLS if t.kind == "img2img")
+    runner.cell_problem(tiles, {tiles.script: {"args": [True]}}, "regulation")
+    assert [path for path, _ in sent] == ["/sdapi/v1/img2img"] * 3
+    assert all(payload["init_images"] and payload["width"] == 128 for _, payload in sent)
+    assert [tiles.script in payload.get("alwayson_scripts", {}) for _, payload in sent] == [True, False, True]
 
 
 def test_random_controlnet_has_the_sd15_controlnet_layout():

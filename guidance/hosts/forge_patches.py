@@ -14,7 +14,11 @@ MultiDiffusion, SAG, PAG, StyleAlign, FreeU, ControlNet…), whatever order thei
   the routed layers are added to the main call's options only, on the steps where an attention
   method acts, each calling the patch that was there before;
 - CFG function: `GuidanceRun.step` in x0 space; with another tool's CFG function, its result plus
-  our guidance's difference from plain CFG.
+  our guidance's difference from plain CFG;
+- a conditioning modifier that notes the latent of the host's own CFG call: another tool's modifier may
+  run a sampling pass of its own first (reference_only records the reference latent's attention with
+  CFG scale 1), which our pre-CFG function leaves to the host. It also keeps the uncond prediction on
+  the host's steps at CFG scale 1 (Skip Early CFG, NGMS) without keeping it in that other pass.
 
 Every function checks `ForgePatches.enabled`: after an error the run is switched off and every
 function behaves like the host (calls what was there).
@@ -35,6 +39,10 @@ MAX_TILING = 4  # Forge tiles token lengths into one call only up to 4x (Conditi
 TILED_NOTE = (
     "S-CFG and attention regulation need the whole latent in one UNet call; another extension runs the "
     "UNet in tiles (e.g. MultiDiffusion), so they do not act while it is on."
+)
+UNSEEN_LATENT_NOTE = (
+    "another extension replaced the latent before the CFG call; Semantic Fidelity left a step of this "
+    "image to the host."
 )
 
 
@@ -122,6 +130,10 @@ class ForgePatches:
         self.extra_x0: torch.Tensor | None = None
         self.used: tuple[bool, ...] = (True,) * len(self.run.extra_rows)
         self.blocks = self._blocks()
+        # with our conditioning modifier (set by install): the latent of the current denoiser call until
+        # our pre-CFG function takes it; a call that finds none is another tool's pass before ours
+        self.has_modifier = False
+        self.call_latent: torch.Tensor | None = None
 
     def _blocks(self) -> list[list[int | None]]:
         """The carried extra rows (`used`) arranged in blocks of B rows (one row per image), so that the
@@ -145,6 +157,7 @@ class ForgePatches:
     def finish(self) -> None:
         """After the run: no call is current, and non-finite attention outputs the kernel replaced
         (one device read per run, never per step) are reported once."""
+        self._check_latent_taken()
         if self.router is not None:
             self.router.end()
             if self.enabled and self.router.nonfinite_seen():
@@ -159,7 +172,18 @@ class ForgePatches:
         def pre_cfg(model, cond, uncond, x, timestep, model_options):
             return self.pre_cfg(model, cond, uncond, x, timestep, model_options)
 
-        unet.set_model_sampler_pre_cfg_function(pre_cfg, disable_cfg1_optimization=self.wants_cfg)
+        # a host whose sampling function runs conditioning modifiers gets ours, which keeps the uncond rows
+        # per call; otherwise the patcher keeps them on every call
+        self.has_modifier = callable(getattr(unet, "add_conditioning_modifier", None))
+        if self.has_modifier:
+
+            def conditioning_modifier(model, x, timestep, uncond, cond, cond_scale, model_options, seed):
+                options = self.conditioning_modifier(x, cond_scale, model_options)
+                return model, x, timestep, uncond, cond, cond_scale, options, seed
+
+            unet.add_conditioning_modifier(conditioning_modifier)
+        keep_uncond = self.wants_cfg and not self.has_modifier
+        unet.set_model_sampler_pre_cfg_function(pre_cfg, disable_cfg1_optimization=keep_uncond)
         if self.router is not None:
             from ..attention_routing import LayerKey
 
@@ -170,10 +194,29 @@ class ForgePatches:
                     present.add(key)
             self.routed = sorted(self.router.routed_layers(present))
 
+    # -- conditioning modifier: which sampling pass is the host's own -------------------------------
+    def conditioning_modifier(self, x, cond_scale, model_options: dict) -> dict:
+        """Notes the latent of this denoiser call: the host's sampling pass is the one that brings it to
+        our pre-CFG function. At CFG scale 1 the host would drop the uncond rows our CFG function reads."""
+        self._check_latent_taken()
+        self.call_latent = x
+        if self.enabled and self.wants_cfg and math.isclose(float(cond_scale), 1.0):
+            return dict(model_options, disable_cfg1_optimization=True)
+        return model_options
+
+    def _check_latent_taken(self) -> None:
+        """A denoiser call whose latent never reached our pre-CFG function (a later modifier or pre-CFG
+        function replaced it) was left to the host: said once."""
+        if self.enabled and self.call_latent is not None:
+            self.report(UNSEEN_LATENT_NOTE)
+        self.call_latent = None
+
     # -- pre-CFG: arm the call, chain the wrapper and the CFG function ----------------------------
     def pre_cfg(self, model, cond, uncond, x, timestep, model_options):
-        if not self.enabled:
+        if not self.enabled or (self.has_modifier and x is not self.call_latent):
+            # another tool's own pass inside its conditioning modifier (reference_only's recording): the host's
             return model, cond, uncond, x, timestep, model_options
+        self.call_latent = None
         try:
             self.step, self.total_steps = self.step_source()
             self.edit_strength = float(sum(item.get("strength", 1) for item in cond))
@@ -228,7 +271,7 @@ class ForgePatches:
         if not add_extra:
             return out
         rows = x.shape[0]
-        extra_out = out[rows:] if together else call(apply_model, self._with_control(extra_args))
+        extra_out = out[rows:] if together else self._own_calls(call, apply_model, args, extra_args)
         blocks = extra_out.reshape(len(self.blocks), batch, *extra_out.shape[1:])
         self.extra_x0 = torch.stack([blocks[j, image] for j, image in self._positions()])
         return out[:rows]
@@ -242,15 +285,27 @@ class ForgePatches:
                     where[index] = (j, image)
         return [where[index] for index in sorted(where)]
 
-    def _extra_args(self, args) -> dict:
-        """The wrapper arguments of a call that holds only the extra rows: the cond chunk's latents and
-        sigmas once per block, the extra contexts (SDXL: their pooled vectors), inpainting's c_concat."""
+    def _own_calls(self, call, apply_model, args, extra_args) -> torch.Tensor:
+        """The extra rows in calls of their own. Another tool's attention patches may set a call's rows
+        against what they recorded from the host's calls (reference_only joins its recorded keys to the
+        cond rows'): with them, each block of B rows gets a call shaped like the host's cond chunk."""
+        if len(self.blocks) == 1 or not foreign_patches(args["c"].get("transformer_options", {})):
+            return call(apply_model, self._with_control(extra_args, len(self.blocks)))
+        return torch.cat(
+            [call(apply_model, self._with_control(self._extra_args(args, [block]), 1)) for block in self.blocks]
+        )
+
+    def _extra_args(self, args, blocks: list | None = None) -> dict:
+        """The wrapper arguments of a call that holds only the extra rows of `blocks` (default: all): the
+        cond chunk's latents and sigmas once per block, the extra contexts (SDXL: their pooled vectors),
+        inpainting's c_concat."""
         x, timestep, c, labels = args["input"], args["timestep"], args["c"], list(args["cond_or_uncond"])
+        blocks = self.blocks if blocks is None else blocks
         batch = self.run.batch_size
         first_cond = labels.index(COND) * batch
         cond_rows = slice(first_cond, first_cond + batch)
         contexts, vectors = [], []
-        for block in self.blocks:
+        for block in blocks:
             for image, index in enumerate(block):
                 encoded = c["c_crossattn"][first_cond + image] if index is None else self.extra_conds[index]
                 if isinstance(encoded, dict):
@@ -265,17 +320,17 @@ class ForgePatches:
         if "y" in c:
             extra_c["y"] = torch.stack([(v if v is not None else c["y"][first_cond]).to(c["y"]) for v in vectors])
         if c.get("c_concat") is not None:
-            extra_c["c_concat"] = c["c_concat"][cond_rows].repeat(len(self.blocks), 1, 1, 1)
+            extra_c["c_concat"] = c["c_concat"][cond_rows].repeat(len(blocks), 1, 1, 1)
         # one cond chunk of K·B rows: tools that loop over a call's chunks (StyleAlign) see a batch
-        extra_timestep = timestep[cond_rows].repeat(len(self.blocks))
+        extra_timestep = timestep[cond_rows].repeat(len(blocks))
         options = dict(c.get("transformer_options", {}))
         mark = options.get("cond_mark", extra_timestep)
-        options.update(row_labels([COND], batch * len(self.blocks), mark.new_zeros(0)), sigmas=extra_timestep)
+        options.update(row_labels([COND], batch * len(blocks), mark.new_zeros(0)), sigmas=extra_timestep)
         extra_c["transformer_options"] = options
         if c.get("control_model") is not None:
             extra_c["control_model"] = c["control_model"]
         return {
-            "input": x[cond_rows].repeat(len(self.blocks), 1, 1, 1),
+            "input": x[cond_rows].repeat(len(blocks), 1, 1, 1),
             "timestep": extra_timestep,
             "c": extra_c,
             "cond_or_uncond": [COND],
@@ -313,9 +368,9 @@ class ForgePatches:
             "cond_or_uncond": labels,
         }
 
-    def _with_control(self, extra_args) -> dict:
-        """ControlNet's residuals for the extra rows, computed the way Forge computes them for a chunk
-        (calc_cond_uncond_batch): the same control images, each row with its own context."""
+    def _with_control(self, extra_args, blocks: int) -> dict:
+        """ControlNet's residuals for the extra rows (`blocks` blocks of B), computed the way Forge computes
+        them for a chunk (calc_cond_uncond_batch): the same control images, each row with its own context."""
         c = extra_args["c"]
         control = c.get("control_model")
         if control is None:
@@ -326,7 +381,7 @@ class ForgePatches:
             unit = getattr(unit, "previous_controlnet", None)
         c = dict(c)
         # the control images are broadcast per block of B rows, as for the chunks of a main call
-        c["control"] = control.get_control(extra_args["input"], extra_args["timestep"], dict(c), len(self.blocks))
+        c["control"] = control.get_control(extra_args["input"], extra_args["timestep"], dict(c), blocks)
         return dict(extra_args, c=c)
 
     # -- attention -----------------------------------------------------------------------------

@@ -147,14 +147,16 @@ def full_run(args, host, extension: Path, harness, restart_with, api: Api, check
 
 
 def linked_only(args, host, extension: Path, harness, restart_with, api: Api, checks: Checks, started) -> int:
-    """--compat / --soak / --prompts: link the extension (and, for --compat, the random ControlNet),
-    restart, run."""
+    """--compat / --soak / --prompts: link the extension (and, for --compat, the random ControlNet and the
+    host options of the matrix's rows), restart, run."""
 
     def loaded():
         harness("link-ext", str(extension), EXTENSION_NAME)
         if args.compat:
             compat.ensure_controlnet_model(host)
         restart_with()
+        if args.compat and compat.set_host_options(api, host):
+            restart_with()  # the scripts that an option shows decide at start
         return None if api.extension_listed() else "not listed in /sdapi/v1/scripts"
 
     print(f"    extension: {extension} at {compat.git_head(extension)}", flush=True)

@@ -7,7 +7,9 @@ and carries no `Semantic Fidelity note` (no silent fallback), unless the combina
 impossible in IMPOSSIBLE. A tool that alone does not change the image against plain CFG proves
 nothing: then its whole row fails. Each tool is switched on through `alwayson_scripts` with its
 `ui()` argument list; the runner fills the positions it does not set from /sdapi/v1/script-info
-and checks that each position it sets carries the expected label.
+and checks that each position it sets carries the expected label. A host setting (Neo's Token
+Merging, Epsilon Scaling, Skip Early CFG) is switched on by `override_settings` in (a) and (c) only;
+a tool the host shows in img2img only (Neo's MultiDiffusion) gets its three generations there.
 """
 
 from __future__ import annotations
@@ -38,6 +40,11 @@ IMPOSSIBLE: dict[tuple[str, str], str] = {
     # Kohya HRFix (Deep Shrink) halves the latent inside the UNet during its window: at the matrix's
     # 128 px the regulated layers' maps are then 2x2, below one Gaussian bump, and regulation says so
     ("Kohya HRFix", "regulation"): "too small for one Gaussian bump",
+    ("MultiDiffusion (img2img)", "scfg"): TILED_NOTE,
+    ("MultiDiffusion (img2img)", "regulation"): TILED_NOTE,
+    # ToMe merges the self-attention queries of the full-resolution layers: those maps are not the latent's
+    # pixels, so S-CFG captures the other layers only and says so
+    ("Token Merging", "scfg"): "an extension such as ToMe or Hypertile reshapes them",
 }
 
 CONTROLNET_FILE = "control_random_sd15"  # tests/e2e/make_random_controlnet.py writes <this>.safetensors
@@ -45,14 +52,21 @@ CONTROLNET_FILE = "control_random_sd15"  # tests/e2e/make_random_controlnet.py w
 
 @dataclass(frozen=True)
 class Tool:
-    """One row: a tool switched on through alwayson_scripts."""
+    """One row: a tool switched on through alwayson_scripts, or a host setting switched on in the request."""
 
     name: str
-    script: str  # its alwayson_scripts key: the script's title, lowercased
+    script: str = ""  # its alwayson_scripts key: the script's title, lowercased; "" for a host setting
     # (ui() position, expected label, value); the other positions keep the host's ui() defaults
     settings: tuple[tuple[int, str, object], ...] = ()
-    request: dict = field(default_factory=dict)  # what the tool needs in the request (batch 2, …)
-    controlnet_module: str = ""  # set for ControlNet rows: the host's name of preprocessor None
+    request: dict = field(default_factory=dict)  # what the tool needs in every request of its row (batch 2, …)
+    switch: dict = field(default_factory=dict)  # request fields that switch a host setting on (override_settings)
+    # the host settings' off values, written into the host's settings before the run: Neo restores an
+    # override after the request only for a setting its settings already hold
+    off: dict = field(default_factory=dict)
+    controlnet_module: str = ""  # set for ControlNet rows: the host's name of the preprocessor
+    controlnet_unit: dict = field(default_factory=dict)  # more unit fields; a "model" there needs no file
+    kind: str = "txt2img"  # img2img for a tool the host shows only there
+    show_options: dict = field(default_factory=dict)  # host options without which the script is not shown
 
 
 A1111_TOOLS = (
@@ -96,7 +110,36 @@ FORGE_TOOLS = (
     Tool("ControlNet (built-in)", "controlnet", controlnet_module="None"),
 )
 
-TOOLS = {"a1111": A1111_TOOLS, "forge": FORGE_TOOLS}
+# Forge Neo's own tools for SD1.5 (its extensions-builtin and modules/processing_scripts; sd_forge_radial is
+# Wan only, the image stitch feeds edit models' reference latents, PiD needs its own checkpoint, IP-Adapter and
+# InstantID a CLIP-Vision/InsightFace download, ControlLLLite its own model, torch.compile changes no number)
+NEO_TOOLS = (
+    Tool("RescaleCFG", "rescalecfg", ((0, "Rescale CFG", 0.7),), show_options={"show_rescale_cfg": True}),
+    Tool("MaHiRo", "mahiro", ((0, "MaHiRo", True),), show_options={"show_mahiro": True}),
+    Tool("Epsilon Scaling", switch={"override_settings": {"scaling_factor": 1.05}}, off={"scaling_factor": 1.0}),
+    Tool("Skip Early CFG", switch={"override_settings": {"skip_early_cond": 0.5}}, off={"skip_early_cond": 0.0}),
+    Tool(
+        "Token Merging",
+        switch={"override_settings": {"token_merging_ratio": 0.5}},
+        off={"token_merging_ratio": 0.0},
+    ),
+    Tool(
+        "MultiDiffusion (img2img)",
+        "multidiffusion integrated",
+        ((0, "MultiDiffusion Integrated", True), (2, "Tile Width", 32), (3, "Tile Height", 32), (4, "Tile Overlap", 0)),
+        kind="img2img",  # Neo shows it in img2img only
+    ),
+    Tool("ControlNet (built-in)", "controlnet", controlnet_module="None"),
+    Tool(
+        "ControlNet reference_only",
+        "controlnet",
+        controlnet_module="reference_only",
+        controlnet_unit={"model": "None", "threshold_a": 0.5},  # Style Fidelity; the preprocessor needs no model
+    ),
+)
+
+TOOLS = {"a1111": A1111_TOOLS, "forge": FORGE_TOOLS, "neo": NEO_TOOLS}
+IMG2IMG = {"denoising_strength": 0.75}  # with control_image() as the init image
 
 
 def control_image(size: int = 64) -> str:
@@ -166,27 +209,29 @@ class Compat:
         self._cache: dict[str, tuple[list[bytes], list[str]]] = {}
         self._script_info: list[dict] | None = None
 
-    def generate(self, scripts: dict, request: dict) -> tuple[list[bytes], list[str]]:
-        """One txt2img, cached by its payload (a cell's (a) and (b) are shared along its row/column)."""
+    def generate(self, scripts: dict, request: dict, kind: str = "txt2img") -> tuple[list[bytes], list[str]]:
+        """One generation, cached by its payload (a cell's (a) and (b) are shared along its row/column)."""
         payload = dict(BASE, **request)
+        if kind == "img2img":
+            payload = dict(payload, init_images=[control_image()], **IMG2IMG)
         if scripts:
             payload["alwayson_scripts"] = scripts
-        key = json.dumps(payload, sort_keys=True)
+        key = kind + json.dumps(payload, sort_keys=True)
         if key not in self._cache:
             try:
-                result = self.api.call("/sdapi/v1/txt2img", payload)
+                result = self.api.call(f"/sdapi/v1/{kind}", payload)
             except Exception as error:
                 raise RuntimeError(http_error(error)) from None
             images = [base64.b64decode(image) for image in result["images"]]
             self._cache[key] = images, json.loads(result["info"])["infotexts"]
         return self._cache[key]
 
-    def defaults(self, script: str) -> list[dict] | None:
-        """The txt2img ui() arguments of a loaded script (label, value), from /sdapi/v1/script-info."""
+    def defaults(self, script: str, kind: str = "txt2img") -> list[dict] | None:
+        """The ui() arguments of a loaded script (label, value) in that tab, from /sdapi/v1/script-info."""
         if self._script_info is None:
             self._script_info = self.api.call("/sdapi/v1/script-info")
         for entry in self._script_info:
-            if entry["name"] == script and not entry["is_img2img"]:
+            if entry["name"] == script and entry["is_img2img"] == (kind == "img2img"):
                 return entry["args"]
         return None
 
@@ -196,21 +241,23 @@ class Compat:
 
     def tool_args(self, tool: Tool) -> tuple[list | None, str | None]:
         """What alwayson_scripts gets for the tool, or why the tool cannot be switched on."""
-        defaults = self.defaults(tool.script)
+        if not tool.script:
+            return None, None  # a host setting: `switch` in the request
+        defaults = self.defaults(tool.script, tool.kind)
         if defaults is None:
-            return None, f"{tool.script!r} is not loaded"
+            return None, f"{tool.script!r} is not loaded in {tool.kind}"
         if tool.controlnet_module:
-            model = self.controlnet_model()
+            model = tool.controlnet_unit.get("model") or self.controlnet_model()
             if model is None:
                 return None, f"no {CONTROLNET_FILE} in /controlnet/model_list (make_random_controlnet.py)"
             unit = {"enabled": True, "module": tool.controlnet_module, "model": model, "image": control_image()}
-            return [dict(unit, weight=1.0, guidance_start=0.0, guidance_end=1.0)], None
+            return [dict(unit, weight=1.0, guidance_start=0.0, guidance_end=1.0, **tool.controlnet_unit)], None
         return filled_args(defaults, tool.settings)
 
     def row_problem(self, tool: Tool, scripts: dict) -> str | None:
         """Why the row proves nothing: the tool alone fails, gives NaN or changes nothing against plain CFG."""
-        plain = self.generate({}, tool.request)
-        alone = self.generate(scripts, tool.request)
+        plain = self.generate({}, tool.request, tool.kind)
+        alone = self.generate(scripts, dict(tool.request, **tool.switch), tool.kind)
         if any(is_blank(image) for image in alone[0]):
             return "the tool alone gives a one-colour image (NaN latents)"
         return "the tool alone changes nothing" if same_pixels(plain[0], alone[0]) else None
@@ -219,9 +266,10 @@ class Compat:
         """Generates (a) the tool alone, (b) our method alone, (c) both, and judges the cell."""
         ours = {SCRIPT_KEY: {"args": with_extension(**METHODS[method])}}
         request = dict(tool.request, **REGULATION_SIZE) if method == "regulation" else tool.request
-        tool_alone = self.generate(scripts, request)
-        ours_alone = self.generate(ours, request)
-        both = self.generate(dict(scripts, **ours), request)
+        switched = dict(request, **tool.switch)
+        tool_alone = self.generate(scripts, switched, tool.kind)
+        ours_alone = self.generate(ours, request, tool.kind)
+        both = self.generate(dict(scripts, **ours), switched, tool.kind)
         return cell_problem(tool_alone, ours_alone, both, method, IMPOSSIBLE.get((tool.name, method)))
 
     def cell(self, tool: Tool, scripts: dict, method: str, row: str | None):
@@ -271,6 +319,21 @@ def matrix_text(tools, results: dict[tuple[str, str], str | None], width: int = 
     declared = [f"  {t} x {m}: {why}" for (t, m), why in IMPOSSIBLE.items() if t in names]
     lines += ["", "declared impossible:"] + (declared or ["  (none)"])
     return "\n".join(lines)
+
+
+def set_host_options(api: Api, host: Host) -> bool:
+    """Writes the host settings' off values and the options without which a row's script is not shown;
+    True when one of the latter changed (the host then needs a restart: scripts decide at start)."""
+    shown, off = {}, {}
+    for tool in TOOLS[host.name]:
+        shown.update(tool.show_options)
+        off.update(tool.off)
+    if not (shown or off):
+        return False
+    current = api.call("/sdapi/v1/options")
+    changed = {key: value for key, value in shown.items() if current.get(key) != value}
+    api.call("/sdapi/v1/options", dict(off, **changed))
+    return bool(changed)
 
 
 def ensure_controlnet_model(host: Host) -> Path:

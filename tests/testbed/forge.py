@@ -243,6 +243,9 @@ class UnetPatcher:
     def set_model_unet_function_wrapper(self, fn):
         self.model_options["model_function_wrapper"] = fn
 
+    def add_conditioning_modifier(self, fn):
+        self._append("conditioning_modifiers", fn, False)
+
     def set_model_patch_replace(self, fn, name, block_name, number, transformer_index=None):
         options = self.model_options["transformer_options"].copy()
         replace = dict(options.get("patches_replace", {}))
