@@ -32,8 +32,6 @@ from .. import params, prompts
 EDIT_SLOTS = 4
 DIRECTIONS = ("+", "\u2212")  # add, remove (shown as a minus sign)
 SLOT_FIELDS = ("prompt", "direction") + tuple(spec.key for spec in params.EDIT_FIELDS)
-# below every section, at the bottom of the accordion: what a run shows, not how it steers
-BOTTOM_ROW = ("show_diagnostics",)
 _PROMPT_ELEMENT = {False: "txt2img_prompt", True: "img2img_prompt"}
 _PLACEHOLDERS = {
     "concepts": "detected from the prompt",
@@ -400,14 +398,9 @@ def build_ui(script, is_img2img: bool) -> list:
             with accordion.extra():  # the header says what switching on does, also while closed
                 summary = _summary_box(script)
         for section in params.SECTIONS:
-            section_params = [
-                p for p in params.PARAMS if p.section == section and p.key != "enable" and p.key not in BOTTOM_ROW
-            ]
+            section_params = [p for p in params.PARAMS if p.section == section and p.key != "enable"]
             with gr.Group(elem_id=script.elem_id(f"section_{section}"), elem_classes=["sf-section"]):
                 _build_section(script, is_img2img, section, section_params, components)
-        with gr.Row(elem_id=script.elem_id("bottom_row"), elem_classes=["sf-bottom-row"]):
-            for key in BOTTOM_ROW:
-                components[key] = _component(params.BY_KEY[key], script.elem_id(key))
     _show_summary(components, summary)
     components["_summary"] = summary
     ordered = [components[p.key] for p in params.PARAMS]
@@ -423,9 +416,15 @@ def _build_section(script, is_img2img: bool, section: str, section_params: Seque
 
     main = [p for p in section_params if not p.advanced]
     advanced = [p for p in section_params if p.advanced]
+    switches = set(params.METHOD_SWITCHES.values())
+    stacked = [p for p in main if p.kind == "bool" and p.key not in switches]
     with gr.Row(elem_classes=["sf-main-row", f"sf-main-{section}"]):
-        for param in sorted((p for p in main if p.key != "concepts"), key=_main_order):
+        for param in sorted((p for p in main if p.key != "concepts" and p not in stacked), key=_main_order):
             components[param.key] = _component(param, script.elem_id(param.key))
+        if stacked:  # the general section's checkboxes one above the other, beside the preset: one row less
+            with gr.Column(elem_classes=["sf-stacked-switches"]):
+                for param in stacked:
+                    components[param.key] = _component(param, script.elem_id(param.key))
     if params.BY_KEY["concepts"] in main:
         _concepts_row(script, is_img2img, components)
     if not advanced:

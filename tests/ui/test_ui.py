@@ -188,13 +188,21 @@ def _children(block) -> list:
     return found
 
 
+def _controls(row) -> list:
+    """A row's controls in page order, with its Forms and Columns dissolved."""
+    found = []
+    for child in _children(row):
+        found += _controls(child) if isinstance(child, gr.Column) else [child]
+    return found
+
+
 def test_layout_main_controls_visible_the_rest_in_closed_folds(tab, params, ui):
     accordion = tab.components[0].accordion
     groups = [child for child in accordion.children if isinstance(child, gr.Group)]
     assert [g.elem_id for g in groups] == [tab.script.elem_id(f"section_{s}") for s in params.SECTIONS]
     by_key = dict(zip((p.key for p in params.PARAMS), tab.components, strict=True))
     main_rows = {
-        "general": ["preset", "apply_hires"],
+        "general": ["preset", "apply_hires", "show_diagnostics"],
         "concepts": ["concepts_enable", "concept_scale"],
         "sega": ["sega_enable", "sega_edits"],
         "scfg": ["scfg_enable", "scfg_rate_max"],
@@ -202,7 +210,7 @@ def test_layout_main_controls_visible_the_rest_in_closed_folds(tab, params, ui):
     }
     for group, section in zip(groups, params.SECTIONS, strict=True):
         children = _children(group)
-        assert _children(children[0]) == [by_key[key] for key in main_rows[section]], section
+        assert _controls(children[0]) == [by_key[key] for key in main_rows[section]], section
         folds = [c for c in children if isinstance(c, gr.Accordion)]
         advanced = [p for p in params.PARAMS if p.section == section and p.advanced]
         if not advanced:
@@ -214,10 +222,11 @@ def test_layout_main_controls_visible_the_rest_in_closed_folds(tab, params, ui):
         inside = _all_blocks(fold)
         assert all(by_key[p.key] in inside for p in advanced)
         assert not [key for key in main_rows[section] if by_key[key] in inside]
-    # below every section, the diagnostics switch: what a run shows, not how it steers
-    bottom = [child for child in accordion.children if isinstance(child, gr.Row)]
-    assert [_children(row) for row in bottom] == [[by_key["show_diagnostics"]]]
-    assert accordion.children[-1] is bottom[0] and by_key["show_diagnostics"].value is False
+    # the general section's checkboxes stacked in one column beside the preset (one row less)
+    stacked = _children(groups[0])[0].children[-1]
+    assert isinstance(stacked, gr.Column) and "sf-stacked-switches" in stacked.elem_classes
+    assert _children(stacked) == [by_key["apply_hires"], by_key["show_diagnostics"]]
+    assert by_key["show_diagnostics"].value is False
     # the concepts box with Detect right below the concept switch, visible
     concepts_row = _children(groups[1])[1]
     assert _children(concepts_row) == [by_key["concepts"], tab.by_id("detect")]
@@ -249,6 +258,7 @@ def test_at_first_sight_a_few_controls(tab, params):
     assert shown == [
         "Preset",
         "Apply in the hires-fix pass",
+        "Show diagnostics",
         "Concept steering",
         "Concept scale",
         "Concepts",
@@ -258,7 +268,6 @@ def test_at_first_sight_a_few_controls(tab, params):
         "S-CFG maximum rate",
         "Attention regulation",
         "Target words",
-        "Show diagnostics",
     ]
     folded = [b for b in _all_blocks(accordion) if isinstance(b, gr.components.IOComponent) and b not in visible]
     assert len(folded) == 24 + 4 * 7 + 1  # the 24 other params, the four edit slots, the hidden echo
