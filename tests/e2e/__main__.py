@@ -2,6 +2,7 @@
 
     python -m tests.e2e --host a1111|forge [--extension PATH] [--ui] [--fresh-install] [--screenshots DIR]
     python -m tests.e2e --host a1111|forge|neo [--extension PATH] --compat | --soak | --prompts
+    python -m tests.e2e --host a1111|forge|neo [--extension PATH] --browser    (the --ui checks without the API ones)
     any of these with --model sdxl: the same checks on an SDXL-architecture checkpoint (models.py)
 
 The run, against the harness's host (../shared/tools/a1111-e2e, ../shared/tools/forge-e2e):
@@ -59,9 +60,13 @@ def main(argv=None) -> int:
     only.add_argument("--compat", action="store_true", help="only the matrix of host tools x our methods")
     only.add_argument("--soak", action="store_true", help="only the 100-request soak run")
     only.add_argument("--prompts", action="store_true", help="only the AND/schedule/BREAK prompt checks")
+    only.add_argument(
+        "--browser", action="store_true", help="only the browser checks (and their baseline without us); implies --ui"
+    )
     args = parser.parse_args(argv)
     host = HOSTS[args.host]
     extension = args.extension.resolve()
+    args.ui = args.ui or args.browser
     if args.ui:
         os.environ[host.ui_variable] = "1"  # the harness's restart reads it
     api = Api(host.port)
@@ -137,11 +142,13 @@ def full_run(args, host, extension: Path, harness, restart_with, api: Api, check
         return 1
     checks.run("install.py as the launcher runs it changes no host package", install)
     if checks.run("host starts with the extension, which loads", host_starts):
-        ApiChecks(api, host, baseline, args.screenshots, restart_with).run(checks)
+        if not args.browser:
+            ApiChecks(api, host, baseline, args.screenshots, restart_with).run(checks)
         if args.ui:
             browser.run(checks, api.url, args.screenshots, host.name, baseline_page_errors)
     minutes = (time.time() - started) / 60
-    what = f"{args.host}{' with UI' if args.ui else ''}, {args.model}, {minutes:.1f} min"
+    kind = " browser only" if args.browser else " with UI" if args.ui else ""
+    what = f"{args.host}{kind}, {args.model}, {minutes:.1f} min"
     print(f"{checks.passed} passed, {checks.failed} failed ({what})")
     return 1 if checks.failed else 0
 
