@@ -229,13 +229,24 @@ class Bench:
         self._modules = a1111_modules()
         self._modules.__enter__()
         place_stand_in(self.device)
-        unet = load_unet(self.model, self.device, self.dtype)
+        self._load()
+        self.timer = StepTimer(self.device)
+
+    def _load(self) -> None:
+        """The UNet and the stand-in host around it."""
         from tests.a1111_host import A1111StandIn
 
-        self.host = A1111StandIn(unet)
+        self.host = A1111StandIn(load_unet(self.model, self.device, self.dtype))
         model = self.host.shared.sd_model
         model.cond_stage_model_empty_prompt = model.cond_stage_model_empty_prompt.to(self.device)
-        self.timer = StepTimer(self.device)
+
+    def release(self) -> None:
+        """Drops the UNet while the memory subprocesses run (SDXL's is 10 GB in float32: two copies
+        would not fit a 24 GB machine); the next generation loads it again."""
+        import gc
+
+        self.host = None
+        gc.collect()
 
     def close(self) -> None:
         """Back to plain `modules` (the stand-in's sys.path entry and modules removed)."""
@@ -258,6 +269,8 @@ class Bench:
             cfg_scale=7.0,
             seed=1,
         )
+        if self.host is None:
+            self._load()
         with self.autocast():
             if configuration.values is None:
                 processed = self.host.generate(extension=False, **fields)
@@ -404,6 +417,7 @@ def measure(
                 result.rows = rows
         log(f"# batch {batch}: timing round {round_index + 1}/{repeats} ({time.perf_counter() - started:.1f} s)")
     if not cuda:
+        bench.release()
         for round_index in range(memory_repeats):
             started = time.perf_counter()
             for configuration in alternate(configurations, round_index):
