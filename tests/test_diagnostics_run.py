@@ -250,6 +250,25 @@ def test_a_failure_in_saving_keeps_the_pictures(host, saving, tmp_path, capsys):
     assert "diagnostics pictures could not be saved" in capsys.readouterr().err
 
 
+def test_unsaved_pictures_get_the_hosts_temporary_folder(host, saving, tmp_path):
+    """Forge Neo's gallery writes unsaved images into `temp_dir` (default <data>/tmp), which it makes
+    only when the setting changes: the pictures, unsaved by default, need it made."""
+    opts = host.shared.opts.data
+    args = host.args(**ON, show_diagnostics=True)
+    try:
+        for saved in (True, False):
+            saving[SAVE_OPTION] = saved
+            folder = tmp_path / f"tmp-{saved}"
+            opts["temp_dir"] = str(folder)
+            processed = host.generate(args=args, outpath_samples=str(tmp_path / "out"), **FIELDS)
+            assert len(processed.images) == 4 and processed.errors == []
+            assert folder.is_dir() == (not saved)  # saved pictures are served from their files
+        opts["temp_dir"] = ""  # A1111's and Forge's default: gradio's own cache folder
+        host.generate(args=args, **FIELDS)
+    finally:
+        opts.pop("temp_dir", None)
+
+
 # ---------------------------------------------------------------------------------------------
 # Forge: its adapter keeps the same records for the script's postprocess
 

@@ -36,6 +36,27 @@ def add_pictures(p, processed) -> None:
             save_pictures(p, processed, pictures)
     except Exception as error:
         report(p, f"diagnostics pictures could not be saved ({type(error).__name__}: {error}); they are shown.")
+    try:
+        if any(not getattr(picture, "already_saved_as", None) for picture in pictures.values()):
+            prepare_gallery_folder()
+    except Exception as error:
+        report(p, f"diagnostics: the host's temp_dir could not be made ({type(error).__name__}: {error}).")
+
+
+def prepare_gallery_folder() -> None:
+    """The folder the host's gallery writes unsaved images into (the `temp_dir` setting), made when missing.
+
+    Forge Neo's default is `<data>/tmp`, made only when the setting is changed; its own images are saved
+    by default, so on a fresh install our unsaved pictures were the first to need it, and the gallery's
+    FileNotFoundError cost the whole result in the web UI. A1111 and Forge default to '' (gradio's
+    cache folder, which they make): nothing to do."""
+    import os
+
+    from modules import shared
+
+    folder = getattr(shared.opts, "temp_dir", "")
+    if folder:
+        os.makedirs(folder, exist_ok=True)
 
 
 def draw_pictures(p, captures) -> dict:

@@ -4,6 +4,14 @@ Headless Debian Chromium driven by Playwright (`pip install playwright`; `apt-ge
 ../shared/tools/browser/README.md). Every extension control is found by the elem_id the UI gives it,
 `script_{tab}_semantic_fidelity_{key}`, and read by its params.py kind, so the paste check covers
 every control there is, not a chosen few.
+
+The selectors hold on gradio 3.41 (AUTOMATIC1111) and 4.40 (Forge, Forge Neo) alike: the hosts give
+their own elements the ids used here (`#txt2img_prompt`, `#txt2img_generate`, `#txt2img_gallery`,
+`#generation_info_txt2img`, `#html_info_txt2img`, `#txt2img_tools #paste`, `#tabs > .tab-nav`), and
+both gradio versions render an accordion's header as `.label-wrap`, a dropdown's options as
+`ul.options li` and a component's input inside the block that carries its elem_id; the
+InputAccordion's header checkbox is `<elem_id>-visible-checkbox` in all three hosts. Nothing here
+needs to know the version.
 """
 
 from __future__ import annotations

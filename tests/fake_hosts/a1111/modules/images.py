@@ -34,4 +34,5 @@ def save_image(
     if info is not None:
         pnginfo.add_text(pnginfo_section_name, str(info))
     image.save(fullfn, pnginfo=pnginfo)
+    image.already_saved_as = fullfn  # the gallery serves this file instead of writing a temporary one
     return fullfn, None
