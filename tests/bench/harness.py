@@ -112,6 +112,15 @@ def _cache_path(model: str, seed: int) -> Path:
     return Path(os.environ.get("SF_BENCH_CACHE", "/tmp")) / f"semantic-fidelity-bench-{model}-seed{seed}.safetensors"
 
 
+def _read_into_memory(path: Path) -> dict[str, torch.Tensor]:
+    """The file's tensors as copies in the process's own memory, the file closed: weights that stayed
+    mapped from the file would be paged in by the first UNet call and counted as the run's growth."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as file:
+        return {name: file.get_tensor(name).clone() for name in file.keys()}  # noqa: SIM118 - not a dict
+
+
 def load_unet(model: str, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
     """`make_unet(model)`; the full-size weights are cached on disk (safetensors) after the first build
     (building 860M or 2.6G random parameters takes a while and every memory subprocess needs them)."""
@@ -122,7 +131,7 @@ def load_unet(model: str, device: str = "cpu", dtype: torch.dtype = torch.float3
         return make_unet(model, seed=seed, dtype=dtype, device=device)
     if model == "tiny":
         return make_unet(model, seed=seed, dtype=dtype, device=device)
-    from safetensors.torch import load_file, save_file  # no pickle: plain tensors on disk
+    from safetensors.torch import save_file  # no pickle: plain tensors on disk
 
     path = _cache_path(model, seed)
     if path.exists():
@@ -133,7 +142,7 @@ def load_unet(model: str, device: str = "cpu", dtype: torch.dtype = torch.float3
         layout = dict(CONFIGS[model])
         with torch.device("meta"):  # no random init: the file has every weight
             unet = (SdxlUNetModel if layout.get("num_classes") == "sequential" else UNetModel)(**layout)
-        unet.load_state_dict(load_file(path), assign=True)
+        unet.load_state_dict(_read_into_memory(path), assign=True)
         return unet.eval().to(device=device, dtype=dtype)
     unet = make_unet(model, seed=seed)
     path.parent.mkdir(parents=True, exist_ok=True)
