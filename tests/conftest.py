@@ -19,6 +19,16 @@ def sdxl_unet():
     return make_unet("tiny_sdxl", seed=0)
 
 
+@pytest.fixture(scope="module")
+def host(tiny_unet):
+    """The A1111 stand-in host around the test-bed UNet, its `modules` importable for one test module
+    (a module that needs another host defines a `host` of its own)."""
+    from tests.a1111_host import A1111StandIn, a1111_modules
+
+    with a1111_modules():
+        yield A1111StandIn(tiny_unet)
+
+
 @pytest.fixture(scope="session")
 def eps_denoiser(tiny_unet):
     return CompVisEpsDenoiser(tiny_unet)

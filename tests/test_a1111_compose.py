@@ -13,8 +13,6 @@ other tool ran at every step, no note, no error, nothing left patched."""
 import pytest
 import torch
 
-from tests.a1111_host import A1111StandIn, a1111_modules
-
 # 128 px: regulation acts (its layers need 3×3 maps at least; at 64 px they are 2×2)
 SIZE = dict(width=128, height=128, steps=4, cfg_scale=7.0)
 PROMPTS = ["a red book and a gold clock", "a red book on a wooden table"]
@@ -99,12 +97,6 @@ def make_tools():
             script_callbacks.callbacks["cfg_denoiser"].remove(self.callback)
 
     return {"sampler subclass": SamplerSubclass, "instance wrapper": InstanceWrapper, "replaces": ReplacesEveryStep}
-
-
-@pytest.fixture(scope="module")
-def host(tiny_unet):
-    with a1111_modules():
-        yield A1111StandIn(tiny_unet)
 
 
 def _generate(host, tool_name, method):

@@ -7,19 +7,13 @@ factors 2 and 4 only, transformer depths 2 and 3)."""
 import pytest
 import torch
 
-from tests.a1111_host import A1111StandIn, a1111_modules, model_loaded
+from tests.a1111_host import model_loaded
 
 SIZE = dict(width=128, height=128, steps=4, cfg_scale=7.0)
 PROMPT = "a red book and a gold clock"
 
 
 LAYOUTS = ["sd15", "sdxl"]
-
-
-@pytest.fixture(scope="module")
-def host(tiny_unet):
-    with a1111_modules():
-        yield A1111StandIn(tiny_unet)
 
 
 @pytest.fixture(params=LAYOUTS)

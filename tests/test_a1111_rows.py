@@ -5,7 +5,7 @@ counters, the engine's bit-identical path when no method acts, extra rows in the
 import pytest
 import torch
 
-from tests.a1111_host import A1111StandIn, a1111_modules, model_loaded
+from tests.a1111_host import model_loaded
 
 SIZE = dict(width=128, height=128, steps=6, cfg_scale=7.5)
 PROMPT = "a red book and a gold clock"
@@ -13,12 +13,6 @@ LONG = " ".join(["a red book and a gold clock on a wooden table"] * 12)  # 2 chu
 
 
 LAYOUTS = ["sd15", "sdxl"]
-
-
-@pytest.fixture(scope="module")
-def host(tiny_unet):
-    with a1111_modules():
-        yield A1111StandIn(tiny_unet)
 
 
 @pytest.fixture(params=LAYOUTS)

@@ -4,24 +4,15 @@ wires it, hires fix on."""
 
 from __future__ import annotations
 
-import pytest
-
 from guidance.hosts.common import ACTED_KEY
-from tests.a1111_host import A1111StandIn, a1111_modules
 
 PROMPT = "a photo of a red cat on a wooden table"
 
 
-@pytest.fixture(scope="module")
-def a1111_host(tiny_unet):
-    with a1111_modules():
-        yield A1111StandIn(tiny_unet)
-
-
-def test_the_a1111_adapter_records_both_passes(a1111_host):
-    args = a1111_host.args(enable=True, scfg_enable=True, apply_hires=True)
+def test_the_a1111_adapter_records_both_passes(host):
+    args = host.args(enable=True, scfg_enable=True, apply_hires=True)
     fields = dict(width=64, height=64, steps=4, cfg_scale=7.0, enable_hr=True, hr_second_pass_steps=2)
-    processed = a1111_host.generate(args=args, prompt=PROMPT, **fields)
+    processed = host.generate(args=args, prompt=PROMPT, **fields)
     assert processed.errors == []
     # SD1.5 at R = 4: 6 blocks per call, one call per step; 4 steps, then 2 hires steps
     assert processed.p.extra_generation_params[ACTED_KEY] == "S-CFG 24 blocks, 4 steps; hires: S-CFG 12 blocks, 2 steps"

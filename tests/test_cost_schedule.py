@@ -7,7 +7,6 @@ import torch
 from guidance.hosts.common import attach_state, state_of
 from guidance.hosts.forge import ForgeAdapter
 from guidance.params import build_settings
-from tests.a1111_host import A1111StandIn, a1111_modules
 from tests.testbed.forge import ForgeDiffusionEngine, Processing, generate, record_unet_calls
 
 STEPS = 8
@@ -36,12 +35,6 @@ def test_forge_carries_extra_rows_only_while_read(case, monkeypatch):
     latent = generate(p, (lambda p: adapter.prepare(p, state),), (adapter.finish,))
     assert torch.isfinite(latent).all() and not state_of(p).failed, p.extra_generation_params
     assert calls == [2 + rows] * active_steps + [2] * (STEPS - active_steps)
-
-
-@pytest.fixture(scope="module")
-def host(tiny_unet):
-    with a1111_modules():
-        yield A1111StandIn(tiny_unet)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -22,7 +22,6 @@ from guidance.methods.attention_regulation import AttentionRegulator, representa
 from guidance.params import build_settings
 from guidance.planning import RunSteps, plan_run
 from guidance.prompt_model import Tokenizer
-from tests.a1111_host import A1111StandIn, a1111_modules
 from tests.testbed.text_encoder import TextEncoderStandIn
 
 PROMPTS = ["a red book and a gold clock", "a cat on a gold clock"]
@@ -32,12 +31,6 @@ REGULATION = dict(
 )
 TOKENIZER = Tokenizer.of(TextEncoderStandIn())  # one id per word or mark
 RECORDED = json.loads((Path(__file__).parent / "data" / "regulation_maps_record.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def host(tiny_unet):
-    with a1111_modules():
-        yield A1111StandIn(tiny_unet)
 
 
 def _state(processed):

@@ -13,18 +13,11 @@ from guidance.engine import StepInputs
 from guidance.methods.concept_steering import abs_cosine, concept_scores, concept_step
 from guidance.params import build_settings
 from guidance.planning import RunSteps, plan_run
-from tests.a1111_host import A1111StandIn, a1111_modules
 
 PROMPT = "a red book and a gold clock"
 FIELDS = dict(prompt=[PROMPT, "a cat on a gold clock"], batch_size=2, steps=6, width=128, height=128)
 ON = dict(enable=True, concepts_enable=True, concepts="red book; gold clock", scfg_enable=True, concept_warmup=0.0)
 SAVE_OPTION = "semantic_fidelity_save_diagnostics"
-
-
-@pytest.fixture(scope="module")
-def host(tiny_unet):
-    with a1111_modules():
-        yield A1111StandIn(tiny_unet)
 
 
 @pytest.fixture

@@ -6,18 +6,10 @@ image comes out, the note is there once, no instance forward stays on any module
 import pytest
 import torch
 
-from tests.a1111_host import A1111StandIn, a1111_modules
-
 SIZE = dict(width=128, height=128, steps=4, cfg_scale=7.0)
 PROMPT = "a red book and a gold clock"
 ATTENTION = dict(enable=True, scfg_enable=True, regulation_enable=True)
 NOTE = "S-CFG / attention regulation stopped"
-
-
-@pytest.fixture(scope="module")
-def host(tiny_unet):
-    with a1111_modules():
-        yield A1111StandIn(tiny_unet)
 
 
 @pytest.fixture
