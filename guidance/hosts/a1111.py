@@ -30,9 +30,8 @@ from .common import (
     REFINER_NOTE,
     batch_images,
     console,
-    keep_diagnostics,
-    record_acted,
     record_plan,
+    record_run,
     report,
     settings_for_pass,
     state_of,
@@ -178,8 +177,7 @@ class A1111Adapter:
         state = state_of(p)
         active = getattr(state, "active", None) if state is not None else None
         if active is not None:
-            record_acted(p, active.planned)
-            keep_diagnostics(p, active.planned)
+            record_run(p, active.planned)
             state.active = None
             self._remove(active)
 

@@ -99,6 +99,12 @@ def record_plan(p, planned) -> None:
         extra[DETECTED_KEY] = format_phrases(detected)
 
 
+def record_run(p, planned) -> None:
+    """What both adapters' finish records after a sampler run: what acted, then the diagnostics."""
+    record_acted(p, planned)
+    keep_diagnostics(p, planned)
+
+
 def record_acted(p, planned) -> None:
     """After a sampler run (the adapter's finish): the notes its methods made during the run, and
     what each method did (`PlannedRun.acted_summary`) under one infotext key; a hires pass's summary

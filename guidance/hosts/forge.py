@@ -18,9 +18,8 @@ from ..prompt_model import Tokenizer
 from .common import (
     REFINER_NOTE,
     batch_images,
-    keep_diagnostics,
-    record_acted,
     record_plan,
+    record_run,
     report,
     settings_for_pass,
     state_of,
@@ -161,8 +160,7 @@ class ForgeAdapter:
         run = getattr(state, "active", None) if state is not None else None
         if not isinstance(run, ForgeRun):
             return
-        record_acted(p, run.patches.planned)
-        keep_diagnostics(p, run.patches.planned)
+        record_run(p, run.patches.planned)
         state.active = None
         if run.model is not None and p.sd_model is not run.model and run.patches.enabled:
             # Forge's refiner switch loads another model mid-run and calls no hook (forge.md §1.1): our
