@@ -63,81 +63,133 @@ def attention_scores(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tens
     return torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
 
 
-CPU_CAPTURE_BUDGET = 64 * 2**20  # bytes of capture intermediates off CUDA
-CUDA_BUDGET_SHARE = 0.05  # of the memory the device can still give
-MIN_CAPTURE_BUDGET = 16 * 2**20
-MAX_CAPTURE_BUDGET = 256 * 2**20  # enough for full-width kernels; more would only raise the peak
+CPU_CAPTURE_CAP = 64 * 2**20  # most bytes of capture intermediates at one layer off CUDA
+CUDA_CAP_SHARE = 0.05  # of the memory the device can still give
+MIN_CAPTURE_CAP = 16 * 2**20
+MAX_CAPTURE_CAP = 256 * 2**20  # enough for full-width kernels; more would only raise the peak
+MIN_CAPTURE_BUDGET = 2**20  # below this a layer's chunk loop costs more launches than it saves bytes
+VALUE_COLUMNS = 128  # value columns per fused call: flash kernels take head widths up to 256
 
 
-def capture_budget(device: torch.device) -> int:
-    """Bytes the capture's intermediates may take: on CUDA a share of what is free (the driver's
-    free memory plus the caching allocator's unused reserve), elsewhere a fixed budget."""
+def capture_cap(device: torch.device) -> int:
+    """The most bytes the capture's intermediates may take at any layer: on CUDA a share of what is
+    free (the driver's free memory plus the caching allocator's unused reserve), elsewhere fixed."""
     device = torch.device(device)
     if device.type != "cuda":
-        return CPU_CAPTURE_BUDGET
+        return CPU_CAPTURE_CAP
     free, _ = torch.cuda.mem_get_info(device)
     free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return int(min(max(free * CUDA_BUDGET_SHARE, MIN_CAPTURE_BUDGET), MAX_CAPTURE_BUDGET))
+    return int(min(max(free * CUDA_CAP_SHARE, MIN_CAPTURE_CAP), MAX_CAPTURE_CAP))
 
 
-def capture_chunk_rows(rows: int, heads: int, queries: int, keys: int, budget: int) -> int:
-    """Query rows per chunk so that the chunk's float32 scores and probabilities (rows, heads,
-    chunk, keys), two tensors alive at once, fit in `budget` bytes; at least 1."""
-    per_query = 2 * rows * heads * keys * 4
-    return max(1, min(queries, budget // per_query))
+def layer_capture_budget(cap: int, q: torch.Tensor) -> int:
+    """Bytes the capture may take at one layer: what the layer's own queries take, so that the
+    capture at most doubles what the layer holds at any size, within [MIN_CAPTURE_BUDGET, cap]."""
+    return int(min(cap, max(q.numel() * q.element_size(), MIN_CAPTURE_BUDGET)))
+
+
+def capture_chunks(rows: int, heads: int, queries: int, keys: int, budget: int) -> tuple[int, int]:
+    """(heads, query rows) per chunk so that a chunk's float32 scores and probabilities (rows, heads,
+    chunk, keys) plus the head sum and its running total fit in `budget` bytes: whole heads first,
+    then fewer query rows; at least (1, 1)."""
+    per_head = rows * queries * keys * 4
+    if 4 * per_head <= budget:
+        return min(heads, (budget - 2 * per_head) // (2 * per_head)), queries
+    return 1, max(1, min(queries, budget // (4 * rows * keys * 4)))
 
 
 def head_averaged_chunks(q: torch.Tensor, k: torch.Tensor, heads: int, budget: int):
     """Yields (start, softmax(q·kᵀ/√d) averaged over the heads for query rows start…, float32
-    (B, chunk, M)), chunk by chunk, so that one chunk's per-head intermediates fit in `budget`."""
+    (B, chunk, M)), chunk by chunk over heads and query rows, within `budget` bytes."""
     batch, queries, _ = q.shape
-    keys = k.shape[1]
     k_heads = split_heads(k, heads).float().transpose(-1, -2).contiguous()  # (B, h, d, M), copied once
     scale = (q.shape[-1] // heads) ** -0.5
-    chunk = capture_chunk_rows(batch, heads, queries, keys, budget)
+    group, chunk = capture_chunks(batch, heads, queries, k.shape[1], budget)
     for start in range(0, queries, chunk):
         q_chunk = split_heads(q[:, start : start + chunk], heads).float()
-        yield start, torch.matmul(q_chunk, k_heads).mul_(scale).softmax(dim=-1).mean(dim=1)
+        total = None
+        for first in range(0, heads, group):
+            heads_k = k_heads[:, first : first + group]
+            part = torch.matmul(q_chunk[:, first : first + group], heads_k).mul_(scale).softmax(-1).sum(1)
+            total = part if total is None else total.add_(part)
+        yield start, total.div_(heads)
 
 
 def head_averaged_probabilities(
-    q: torch.Tensor, k: torch.Tensor, heads: int, budget: int = CPU_CAPTURE_BUDGET
+    q: torch.Tensor, k: torch.Tensor, heads: int, budget: int = CPU_CAPTURE_CAP
 ) -> torch.Tensor:
     """softmax(q·kᵀ/√d) averaged over the heads, float32 (B, N, M), built chunk by chunk over the
-    query rows so that the per-head float32 intermediates of one chunk stay within `budget` bytes."""
+    heads and query rows so that the per-head float32 intermediates stay within `budget` bytes."""
     result = torch.empty(q.shape[0], q.shape[1], k.shape[1], dtype=torch.float32, device=q.device)
     for start, averaged in head_averaged_chunks(q, k, heads, budget):
         result[:, start : start + averaged.shape[1]] = averaged
     return result
 
 
-class HeadAveragedMaps:
-    """The head-averaged probabilities (B, N, M) of q and k, kept as q and k: `maps @ x` is
-    computed chunk by chunk over the query rows, and the (B, N, M) map is never formed."""
+def _padded_heads(tensor: torch.Tensor, heads: int, first: int, count: int, width: int, dtype) -> torch.Tensor:
+    """Heads first…first+count of (B, N, h·d) as (B, count, N, width) in `dtype`, zero-padded."""
+    part = split_heads(tensor, heads)[:, first : first + count].to(dtype)
+    return F.pad(part, (0, width - part.shape[-1])) if width > part.shape[-1] else part
 
-    def __init__(self, q: torch.Tensor, k: torch.Tensor, heads: int, budget: int):
-        self.q, self.k, self.heads, self.budget = q, k, heads, budget
+
+def fused_head_group(batch: int, queries: int, keys: int, width: int, heads: int, item: int, budget: int) -> int:
+    """Heads per fused call so that its queries, keys, values and output (padded to `width`, `item`
+    bytes each) fit in `budget`; at least 1."""
+    return max(1, min(heads, budget // (2 * batch * (queries + keys) * width * item)))
+
+
+def head_averaged_product(
+    q: torch.Tensor, k: torch.Tensor, heads: int, x: torch.Tensor, budget: int, upcast: bool = False
+) -> torch.Tensor:
+    """(mean over heads of softmax(q_h·k_hᵀ/√d)) @ x, float32 (B, N, T): the fused attention kernel
+    with x as the values (S-CFG's SA·CA, arXiv 2404.05384 §3.2), so the N×M maps are never formed.
+    q and k are zero-padded to the values' width (zeros add nothing to the scores; the scale stays
+    1/√d): fused kernels want one width for queries, keys and values."""
+    batch, queries, channels = q.shape
+    dim = channels // heads
+    dtype = torch.float32 if upcast else q.dtype
+    out = torch.zeros(batch, queries, x.shape[-1], dtype=torch.float32, device=q.device)
+    for first_column in range(0, x.shape[-1], VALUE_COLUMNS):
+        columns = x[..., first_column : first_column + VALUE_COLUMNS]
+        count = columns.shape[-1]
+        width = -(-max(dim, count) // 8) * 8
+        values = F.pad(columns.to(dtype), (0, width - count))[:, None]
+        group = fused_head_group(batch, queries, k.shape[1], width, heads, values.element_size(), budget)
+        for first in range(0, heads, group):
+            n = min(group, heads - first)
+            qh, kh = (_padded_heads(t, heads, first, n, width, dtype) for t in (q, k))
+            vh = values.expand(-1, n, -1, -1).contiguous() if n > 1 else values
+            part = F.scaled_dot_product_attention(qh, kh, vh, dropout_p=0.0, scale=dim**-0.5)
+            out[..., first_column : first_column + count] += part[..., :count].sum(1, dtype=torch.float32)
+    return out.div_(heads)
+
+
+class HeadAveragedMaps:
+    """The head-averaged probabilities (B, N, M) of q and k, kept as q and k: `maps @ x` goes
+    through the fused attention kernel (`head_averaged_product`); the (B, N, M) map is never formed."""
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, heads: int, budget: int, upcast: bool = False):
+        self.q, self.k, self.heads, self.budget, self.upcast = q, k, heads, budget, upcast
         self.shape = (q.shape[0], q.shape[1], k.shape[1])
 
     def take(self, rows: list[int]) -> HeadAveragedMaps:
         """The maps of `rows` of the batch."""
-        return HeadAveragedMaps(select_rows(self.q, rows), select_rows(self.k, rows), self.heads, self.budget)
+        q, k = select_rows(self.q, rows), select_rows(self.k, rows)
+        return HeadAveragedMaps(q, k, self.heads, self.budget, self.upcast)
 
     def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
         """maps (B, N, M) @ x (B, M, T) → (B, N, T) float32."""
-        x = x.float()
-        out = x.new_empty(self.shape[0], self.shape[1], x.shape[-1])
-        for start, averaged in head_averaged_chunks(self.q, self.k, self.heads, self.budget):
-            out[:, start : start + averaged.shape[1]] = averaged @ x
-        return out
+        return head_averaged_product(self.q, self.k, self.heads, x, self.budget, self.upcast)
 
 
-def head_averaged_maps(q: torch.Tensor, k: torch.Tensor, heads: int, budget: int) -> torch.Tensor | HeadAveragedMaps:
+def head_averaged_maps(
+    q: torch.Tensor, k: torch.Tensor, heads: int, budget: int, upcast: bool = False
+) -> torch.Tensor | HeadAveragedMaps:
     """The head-averaged probabilities as a tensor when (B, N, M) float32 fits in `budget`, else as
-    `HeadAveragedMaps` (products computed chunk by chunk: for self-attention at high resolution)."""
+    `HeadAveragedMaps` (products through the fused kernel: self-attention at high resolution)."""
     if q.shape[0] * q.shape[1] * k.shape[1] * 4 <= budget:
         return head_averaged_probabilities(q, k, heads, budget)
-    return HeadAveragedMaps(q, k, heads, budget)
+    return HeadAveragedMaps(q, k, heads, budget, upcast)
 
 
 def attention_from_probabilities(probs: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -15,7 +15,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import attention, capture_budget, head_averaged_maps, head_averaged_probabilities, select_rows
+from .attention import (
+    attention,
+    capture_cap,
+    head_averaged_maps,
+    head_averaged_probabilities,
+    layer_capture_budget,
+    select_rows,
+)
 
 SECTIONS = ("input", "middle", "output")
 KINDS = ("self", "cross")
@@ -153,7 +160,7 @@ class AttentionRouter:
         self._capture_meta: list[tuple[int, str]] = []
         self._cond_rows: list[tuple[int, int]] = []
         self._sizes: dict[int, tuple[int, int, int] | None] = {}
-        self._budget: int | None = None
+        self._cap: int | None = None  # the device's cap on capture bytes, read once per UNet call
         self.stopped = False
         self.nonfinite: torch.Tensor | None = None  # device flag: a regulated output was not finite
         self.calls = 0  # UNet calls begun (counted on the Python side)
@@ -205,7 +212,7 @@ class AttentionRouter:
         self.rows = rows
         self.calls += 1
         self._sizes = {}
-        self._budget = None
+        self._cap = None
         if self.stopped:
             return
         self._capture = self._scfg_active(rows.step, rows.total_steps)
@@ -259,7 +266,7 @@ class AttentionRouter:
                 rows = [row for row, image in self._cond_rows if self.regulator.targets[image]]
                 regulated_probs = {row: probs[j] for j, row in enumerate(rows)}
         if capture:
-            probs = self._captured(key, q, k, heads, regulated_probs)
+            probs = self._captured(key, q, k, heads, regulated_probs, upcast)
             self.region_scales.record(key, probs, (h, w), factor, self._capture_meta)
         return out
 
@@ -272,17 +279,18 @@ class AttentionRouter:
         if self._regulate and key.kind == "cross" and key in self.regulated:
             self.regulator.note(f"Attention regulation: {why}reshapes them); they are not regulated.")
 
-    def _captured(self, key: LayerKey, q, k, heads: int, regulated_probs: dict[int, torch.Tensor]):
-        """The head-averaged probabilities of the capture rows, within the capture budget: the
-        regulated rows' own where regulation ran; a self-attention map too large for the budget as
-        `HeadAveragedMaps` (S-CFG only multiplies by it)."""
-        if self._budget is None:
-            self._budget = capture_budget(q.device)
+    def _captured(self, key: LayerKey, q, k, heads: int, regulated_probs: dict[int, torch.Tensor], upcast: bool):
+        """The head-averaged probabilities of the capture rows, within the layer's capture budget:
+        the regulated rows' own where regulation ran; a self-attention map too large for the budget
+        as `HeadAveragedMaps` (S-CFG only multiplies by it, through the fused kernel)."""
+        if self._cap is None:
+            self._cap = capture_cap(q.device)
+        budget = layer_capture_budget(self._cap, q)
         plain_rows = [row for row in self._capture_rows if row not in regulated_probs]
         q_rows, k_rows = select_rows(q, plain_rows), select_rows(k, plain_rows)
         if key.kind == "self":  # never regulated: every capture row is plain
-            return head_averaged_maps(q_rows, k_rows, heads, self._budget)
-        plain = head_averaged_probabilities(q_rows, k_rows, heads, self._budget)
+            return head_averaged_maps(q_rows, k_rows, heads, budget, upcast)
+        plain = head_averaged_probabilities(q_rows, k_rows, heads, budget)
         if not regulated_probs:
             return plain
         lookup = {row: plain[j] for j, row in enumerate(plain_rows)}

@@ -126,7 +126,7 @@ def test_chunked_head_average_equals_the_unchunked_one():
 def test_the_capture_never_holds_more_per_head_memory_than_its_budget(budget):
     """Self-attention of a 64×64 latent (N = M = 4096, 8 heads, 2 rows): unchunked, the per-head
     float32 scores alone are 2·8·4096²·4 B = 1 GiB; chunked, every tensor larger than the inputs
-    (the per-head ones) fits, scores and probabilities of a chunk together within the budget."""
+    (the per-head ones) fits, the four a chunk holds at once together within the budget."""
     from guidance.attention import head_averaged_probabilities
 
     q, k = torch.randn(2, 4096, 32), torch.randn(2, 4096, 32)
@@ -136,17 +136,30 @@ def test_the_capture_never_holds_more_per_head_memory_than_its_budget(budget):
     result_bytes, input_bytes = result.numel() * 4, q.numel() * 4
     per_head = [size for size in tracker.sizes if input_bytes < size != result_bytes]
     assert tracker.sizes.count(result_bytes) == 1  # the (B, N, M) average is made once
-    assert per_head and 2 * max(per_head) <= budget
-    assert 2 * max(per_head) > budget / 2  # and chunks are not needlessly small
+    # one head's scores, probabilities, head sum and running total of a chunk: four alike
+    assert per_head and 4 * max(per_head) <= budget
+    assert 4 * max(per_head) > budget / 2  # and chunks are not needlessly small
 
 
-def test_the_chunk_size_follows_the_budget():
-    from guidance.attention import CPU_CAPTURE_BUDGET, capture_budget, capture_chunk_rows
+def test_the_chunks_follow_the_budget():
+    from guidance.attention import CPU_CAPTURE_CAP, capture_cap, capture_chunks
 
-    assert capture_chunk_rows(rows=2, heads=8, queries=4096, keys=4096, budget=2**20) == 2
-    assert capture_chunk_rows(rows=2, heads=8, queries=4096, keys=77, budget=2**30) == 4096
-    assert capture_chunk_rows(rows=8, heads=20, queries=16384, keys=16384, budget=1) == 1
-    assert capture_budget(torch.device("cpu")) == CPU_CAPTURE_BUDGET
+    # scores, probabilities, head sum and total: 4·rows·chunk·keys·4 bytes with one head
+    assert capture_chunks(rows=2, heads=8, queries=4096, keys=4096, budget=2**20) == (1, 8)
+    assert capture_chunks(rows=2, heads=8, queries=4096, keys=77, budget=2**30) == (8, 4096)
+    per_head = 2 * 4096 * 77 * 4  # one head, every query row
+    assert capture_chunks(rows=2, heads=8, queries=4096, keys=77, budget=6 * per_head) == (2, 4096)
+    assert capture_chunks(rows=8, heads=20, queries=16384, keys=16384, budget=1) == (1, 1)
+    assert capture_cap(torch.device("cpu")) == CPU_CAPTURE_CAP
+
+
+def test_a_layer_budget_is_its_queries_bytes_within_the_floor_and_the_cap():
+    from guidance.attention import MIN_CAPTURE_BUDGET, layer_capture_budget
+
+    sd15_hires = torch.empty(2, 16384, 320, dtype=torch.float16)  # 20 MiB
+    assert layer_capture_budget(2**30, sd15_hires) == 2 * 16384 * 320 * 2
+    assert layer_capture_budget(2**20 * 8, sd15_hires) == 2**20 * 8
+    assert layer_capture_budget(2**30, torch.empty(2, 64, 32)) == MIN_CAPTURE_BUDGET
 
 
 def test_products_with_the_unformed_maps_equal_those_with_the_formed_ones():
@@ -170,3 +183,38 @@ def test_a_product_with_the_unformed_maps_never_holds_an_n_by_n_tensor():
     with tracker.mode:
         HeadAveragedMaps(q, k, 8, budget) @ x
     assert 2 * max(tracker.sizes) <= budget  # the formed map would be 2·4096²·4 B = 128 MiB
+
+
+@pytest.mark.parametrize(
+    "channels, heads, columns, budget",
+    [
+        (32, 8, 77, 2**20),  # head width 4 (the test bed): queries and keys padded to the values' 80
+        (320, 8, 2, 2**30),  # SD1.5's width 40 against S-CFG's foreground pair: values padded to 40
+        (640, 10, 154, 2**30),  # SDXL's width 64, a two-chunk prompt: two value groups, all heads at once
+        (640, 10, 300, 3 * 2**20),  # three value groups, a few heads per call
+    ],
+)
+def test_the_fused_product_equals_the_product_with_the_formed_maps(channels, heads, columns, budget):
+    from guidance.attention import attention_scores, head_averaged_product
+
+    generator = torch.Generator().manual_seed(channels + columns)
+    q, k = (torch.randn(2, 256, channels, generator=generator) for _ in range(2))
+    x = torch.rand(2, 256, columns, generator=generator)
+    formed = attention_scores(q, k, heads).softmax(-1).mean(1)
+    product = head_averaged_product(q, k, heads, x, budget)
+    assert product.dtype == torch.float32 and product.shape == (2, 256, columns)
+    torch.testing.assert_close(product, formed @ x, rtol=0, atol=2e-6)
+
+
+def test_the_fused_product_computes_in_the_layers_dtype_unless_upcast():
+    from guidance.attention import attention_scores, head_averaged_product
+
+    generator = torch.Generator().manual_seed(1)
+    q, k = (torch.randn(2, 256, 320, generator=generator).to(torch.bfloat16) for _ in range(2))
+    x = torch.rand(2, 256, 77, generator=generator)
+    exact = attention_scores(q, k, 8).softmax(-1).mean(1) @ x  # float32 scores of the bf16 inputs
+    upcast = head_averaged_product(q, k, 8, x, 2**30, upcast=True)
+    native = head_averaged_product(q, k, 8, x, 2**30)
+    torch.testing.assert_close(upcast, exact, rtol=0, atol=2e-6)
+    assert native.dtype == torch.float32
+    assert 1e-5 < (native - exact).abs().max() < 2e-2  # bf16 values and output: visibly rounded, still close

@@ -59,6 +59,7 @@ def _oom():
 STAGES = {
     # (object path, attribute, replacement factory, settings)
     "capture-oom": ("guidance.attention_routing", "head_averaged_probabilities", lambda: _raise(_oom()), "scfg"),
+    "fused-product-oom": ("guidance.attention", "head_averaged_product", lambda: _raise(_oom()), "scfg-unformed"),
     "record-runtime": ("guidance.methods.scfg.RegionScales", "record", lambda: _raise(RuntimeError("boom")), "scfg"),
     "begin-call-runtime": (
         "guidance.methods.scfg.RegionScales",
@@ -83,6 +84,8 @@ STAGES = {
 METHODS = {
     "scfg": dict(enable=True, scfg_enable=True),
     "regulation": dict(enable=True, regulation_enable=True),
+    # R = 1 with a 1-byte layer budget: every self-attention map unformed, its products fused
+    "scfg-unformed": dict(enable=True, scfg_enable=True, scfg_mask_factor=1),
     "all": dict(enable=True, scfg_enable=True, regulation_enable=True, concepts_enable=True, sega_enable=True),
 }
 
@@ -118,6 +121,8 @@ def test_an_error_in_the_kernel_gives_an_image_one_note_and_no_patch(host, repor
     path, attribute, make, methods = STAGES[stage]
     after_stop = _routed_calls(monkeypatch)
     monkeypatch.setattr(_target(path), attribute, make())
+    if methods == "scfg-unformed":
+        monkeypatch.setattr(_target("guidance.attention_routing"), "layer_capture_budget", lambda cap, q: 1)
     baseline = host.generate(extension=False, prompt=PROMPT, **SIZE)
     processed = host.generate(args=host.args(**METHODS[methods]), prompt=PROMPT, **SIZE)
     images = torch.stack(processed.images)

@@ -173,6 +173,23 @@ def test_a1111_generation_has_no_sync_in_the_per_step_hooks(a1111, case):
     assert recorder.found == [], "\n".join(recorder.found)
 
 
+def test_a1111_generation_with_the_capture_chunked_and_fused_has_no_sync(a1111, monkeypatch):
+    """S-CFG at R = 1 with a 1-byte layer budget: every cross-attention map built a head and a
+    query row at a time, every self-attention product through the fused kernel."""
+    from guidance import attention, attention_routing
+
+    monkeypatch.setattr(attention_routing, "layer_capture_budget", lambda cap, q: 1)
+    product = attention.head_averaged_product
+    unformed = []
+    monkeypatch.setattr(attention, "head_averaged_product", lambda *a, **k: unformed.append(1) or product(*a, **k))
+    values = dict(enable=True, scfg_enable=True, scfg_mask_factor=1)
+    fields = dict(prompt=[PROMPT, "a red book AND a green dog:0.5"], batch_size=2, steps=2, width=128, height=128)
+    with SyncRecorder() as recorder:
+        processed = a1111.generate(args=a1111.args(**values), **fields)
+    assert unformed and "Semantic Fidelity note" not in processed.infotexts[0]
+    assert recorder.found == [], "\n".join(recorder.found)
+
+
 def test_a1111_generation_with_diagnostics_records_without_sync(a1111):
     """'Show diagnostics' keeps the numbers on the device per step; they are read once per image
     after the run (postprocess), outside the per-step hooks."""

@@ -57,7 +57,8 @@ def test_missing_captures_give_plain_cfg_and_captures_are_dropped():
 
 def test_a_whole_run_with_the_capture_chunked_and_unformed_equals_the_formed_one(tiny_unet, monkeypatch):
     """S-CFG at R=1 (every level captured) through the A1111 stand-in: with a 64 KiB capture budget
-    (two query rows per chunk, no self-attention map formed) the layer-averaged maps equal
+    (cross-attention one head and a few query rows per chunk; no self-attention map formed, its
+    products through the fused kernel) the layer-averaged maps equal
     those of an unlimited budget. (The images are not compared: the token masks are an argmax over
     77 columns whose padding columns tie to rounding, so 1e-7 differences flip rates.)"""
     from guidance import attention_routing
@@ -80,7 +81,7 @@ def test_a_whole_run_with_the_capture_chunked_and_unformed_equals_the_formed_one
         args = host.args(enable=True, scfg_enable=True, scfg_mask_factor=1)
         for budget in (2**40, 64 * 2**10):
             seen[budget] = []
-            monkeypatch.setattr(attention_routing, "capture_budget", lambda device, budget=budget: budget)
+            monkeypatch.setattr(attention_routing, "layer_capture_budget", lambda cap, q, budget=budget: budget)
             host.generate(args=args, **fields)
     assert len(seen[2**40]) == len(seen[64 * 2**10]) == 2  # one step, two images
     for formed, chunked in zip(seen[2**40], seen[64 * 2**10], strict=True):

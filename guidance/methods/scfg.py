@@ -5,8 +5,9 @@ transformer block whose downsampling factor r is in {R, 2R, …} (r ≤ 8): firs
 self-attention SA (rows, h·w, h·w), then its cross-attention CA (rows, h·w, T). Per block the
 smoothed token maps are (SA + 3·SA²)/4 · CA (the authors' power-series quirk), computed as
 (SA·CA + 3·SA·(SA·CA))/4 so that no h·w × h·w product is formed; SA is dropped as soon as the
-block's CA is seen (an SA larger than the capture budget arrives as `HeadAveragedMaps` and is never
-formed at all). The cond rows give the 77 token maps, the uncond rows only the foreground pair
+block's CA is seen (an SA larger than the layer's capture budget arrives as `HeadAveragedMaps`, never
+formed at all: its products run through the fused attention kernel with CA as the values). The
+cond rows give the 77 token maps, the uncond rows only the foreground pair
 [token 0, Σ other tokens] (the maps are linear in CA, so the pair is propagated instead of all
 token maps). As each block's CA arrives its maps are upsampled to the R grid, smoothed, normalised
 and added to the image's sum, so memory holds one block's maps at a time; `rate` turns the sums
@@ -62,7 +63,7 @@ def smooth(maps: torch.Tensor) -> torch.Tensor:
 
 def propagate(self_attention, cross_attention: torch.Tensor) -> torch.Tensor:
     """(SA + 3·SA·SA)/4 · CA as (SA·CA + 3·SA·(SA·CA))/4: (n, N, N), (n, N, T) → (n, N, T). SA is a
-    tensor or `HeadAveragedMaps` (the products then chunk by chunk, the N×N map never formed)."""
+    tensor or `HeadAveragedMaps` (the products then through the fused kernel, the N×N map never formed)."""
     first = self_attention @ cross_attention
     return (first + 3 * (self_attention @ first)) / 4
 
