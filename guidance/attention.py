@@ -69,6 +69,7 @@ MIN_CAPTURE_CAP = 16 * 2**20
 MAX_CAPTURE_CAP = 256 * 2**20  # enough for full-width kernels; more would only raise the peak
 MIN_CAPTURE_BUDGET = 2**20  # below this a layer's chunk loop costs more launches than it saves bytes
 VALUE_COLUMNS = 128  # value columns per fused call: flash kernels take head widths up to 256
+FUSED_DEVICES = ("cuda", "cpu")  # where SDPA has fused kernels; elsewhere it may form the maps itself
 
 
 def capture_cap(device: torch.device) -> int:
@@ -132,6 +133,18 @@ def _padded_heads(tensor: torch.Tensor, heads: int, first: int, count: int, widt
     return F.pad(part, (0, width - part.shape[-1])) if width > part.shape[-1] else part
 
 
+def _round8(n: int) -> int:
+    return -(-n // 8) * 8
+
+
+def fused_width(batch: int, queries: int, keys: int, dim: int, columns: int, item: int, budget: int) -> int:
+    """The head width of a fused call: wide enough for up to VALUE_COLUMNS value columns when one
+    head's queries, keys, values and output fit in `budget`, else the head's own width rounded up
+    to 8 (more calls, the same arithmetic: every call computes the scores of its column block)."""
+    wide = _round8(max(dim, min(columns, VALUE_COLUMNS)))
+    return wide if 2 * batch * (queries + keys) * wide * item <= budget else _round8(dim)
+
+
 def fused_head_group(batch: int, queries: int, keys: int, width: int, heads: int, item: int, budget: int) -> int:
     """Heads per fused call so that its queries, keys, values and output (padded to `width`, `item`
     bytes each) fit in `budget`; at least 1."""
@@ -143,18 +156,19 @@ def head_averaged_product(
 ) -> torch.Tensor:
     """(mean over heads of softmax(q_h·k_hᵀ/√d)) @ x, float32 (B, N, T): the fused attention kernel
     with x as the values (S-CFG's SA·CA, arXiv 2404.05384 §3.2), so the N×M maps are never formed.
-    q and k are zero-padded to the values' width (zeros add nothing to the scores; the scale stays
-    1/√d): fused kernels want one width for queries, keys and values."""
+    Fused kernels want one width for queries, keys and values: q and k are zero-padded to it (zeros
+    add nothing to the scores; the scale stays 1/√d), x is cut into column blocks of that width."""
     batch, queries, channels = q.shape
     dim = channels // heads
     dtype = torch.float32 if upcast else q.dtype
+    item = torch.finfo(dtype).bits // 8
+    width = fused_width(batch, queries, k.shape[1], dim, x.shape[-1], item, budget)
+    group = fused_head_group(batch, queries, k.shape[1], width, heads, item, budget)
     out = torch.zeros(batch, queries, x.shape[-1], dtype=torch.float32, device=q.device)
-    for first_column in range(0, x.shape[-1], VALUE_COLUMNS):
-        columns = x[..., first_column : first_column + VALUE_COLUMNS]
+    for first_column in range(0, x.shape[-1], min(width, VALUE_COLUMNS)):
+        columns = x[..., first_column : first_column + min(width, VALUE_COLUMNS)]
         count = columns.shape[-1]
-        width = -(-max(dim, count) // 8) * 8
         values = F.pad(columns.to(dtype), (0, width - count))[:, None]
-        group = fused_head_group(batch, queries, k.shape[1], width, heads, values.element_size(), budget)
         for first in range(0, heads, group):
             n = min(group, heads - first)
             qh, kh = (_padded_heads(t, heads, first, n, width, dtype) for t in (q, k))
@@ -179,7 +193,19 @@ class HeadAveragedMaps:
 
     def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
         """maps (B, N, M) @ x (B, M, T) → (B, N, T) float32."""
-        return head_averaged_product(self.q, self.k, self.heads, x, self.budget, self.upcast)
+        if self.q.device.type in FUSED_DEVICES:
+            return head_averaged_product(self.q, self.k, self.heads, x, self.budget, self.upcast)
+        return chunked_product(self.q, self.k, self.heads, x, self.budget)
+
+
+def chunked_product(q: torch.Tensor, k: torch.Tensor, heads: int, x: torch.Tensor, budget: int) -> torch.Tensor:
+    """`head_averaged_product` without the fused kernel: the head-averaged maps chunk by chunk
+    (within `budget`), each chunk times x."""
+    x = x.float()
+    out = x.new_empty(q.shape[0], q.shape[1], x.shape[-1])
+    for start, averaged in head_averaged_chunks(q, k, heads, budget):
+        out[:, start : start + averaged.shape[1]] = averaged @ x
+    return out
 
 
 def head_averaged_maps(

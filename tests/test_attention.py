@@ -189,6 +189,7 @@ def test_a_product_with_the_unformed_maps_never_holds_an_n_by_n_tensor():
     "channels, heads, columns, budget",
     [
         (32, 8, 77, 2**20),  # head width 4 (the test bed): queries and keys padded to the values' 80
+        (32, 8, 77, 1),  # the same within a tiny budget: ten column blocks of width 8, one head a call
         (320, 8, 2, 2**30),  # SD1.5's width 40 against S-CFG's foreground pair: values padded to 40
         (640, 10, 154, 2**30),  # SDXL's width 64, a two-chunk prompt: two value groups, all heads at once
         (640, 10, 300, 3 * 2**20),  # three value groups, a few heads per call
@@ -218,3 +219,33 @@ def test_the_fused_product_computes_in_the_layers_dtype_unless_upcast():
     torch.testing.assert_close(upcast, exact, rtol=0, atol=2e-6)
     assert native.dtype == torch.float32
     assert 1e-5 < (native - exact).abs().max() < 2e-2  # bf16 values and output: visibly rounded, still close
+
+
+def test_the_fused_width_is_wide_when_a_head_fits_the_budget_else_the_heads_own():
+    from guidance.attention import fused_width
+
+    one_head_at_80 = 2 * 2 * (4096 + 4096) * 80 * 4
+    assert fused_width(2, 4096, 4096, 4, 77, 4, one_head_at_80) == 80  # all 77 columns in one call
+    assert fused_width(2, 4096, 4096, 4, 77, 4, one_head_at_80 - 1) == 8  # the test bed's head width 4
+    assert fused_width(2, 4096, 4096, 40, 2, 4, 1) == 40  # the foreground pair: the head's width
+    assert fused_width(2, 16384, 16384, 40, 77, 2, 20 * 2**20) == 80  # SD1.5 hires, fp16, its query bytes
+    assert fused_width(2, 64, 64, 64, 300, 4, 2**30) == 128  # at most VALUE_COLUMNS a call
+
+
+def test_off_cuda_and_cpu_the_product_is_chunked_instead_of_fused(monkeypatch):
+    """Devices without fused SDPA kernels (MPS, DirectML) would form the maps inside SDPA: there the
+    maps are built a chunk at a time within the budget and multiplied."""
+    from guidance import attention
+
+    generator = torch.Generator().manual_seed(2)
+    q, k = (torch.randn(2, 300, 64, generator=generator) for _ in range(2))
+    x = torch.rand(2, 300, 77, generator=generator)
+    formed = attention.attention_scores(q, k, 8).softmax(-1).mean(1) @ x
+    torch.testing.assert_close(attention.chunked_product(q, k, 8, x, 2**16), formed, rtol=0, atol=2e-6)
+    fused = []
+    monkeypatch.setattr(attention, "head_averaged_product", lambda *a, **kw: fused.append(1))
+    attention.HeadAveragedMaps(q, k, 8, 2**16) @ x
+    assert fused == [1]
+    monkeypatch.setattr(attention, "FUSED_DEVICES", ("cuda",))
+    torch.testing.assert_close(attention.HeadAveragedMaps(q, k, 8, 2**16) @ x, formed, rtol=0, atol=2e-6)
+    assert fused == [1]

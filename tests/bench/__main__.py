@@ -114,20 +114,28 @@ def spread(result: Result, plain: Result) -> str:
     return f"{min(per_round):.2f}-{max(per_round):.2f}"
 
 
+def median_ratio(values: list[float], plain: list[float]) -> float:
+    if not values or not plain or statistics.median(plain) <= 0:
+        return float("nan")
+    return statistics.median(values) / statistics.median(plain)
+
+
 def table(results: dict[str, Result], label: str, memory_kind: str) -> tuple[list[str], list[str]]:
     plain = results["plain-cfg"]
     plain_time = plain.step_time
-    plain_memory = statistics.median(plain.memory) if plain.memory else float("nan")
+    resident = bool(plain.resident)  # CPU: the resident growth beside the tensor peak
     header = (
         f"{'configuration':<24}{'K':>4}{'step ms':>10}{memory_kind + ' MiB':>12}"
         f"{'time x':>8}{'target':>8}{'':>6}{'rounds x':>12}{'mem x':>8}{'target':>8}{'':>6}"
+        + (f"{'rss x':>8}" if resident else "")
     )
     lines, ratios = [header, "-" * len(header)], []
     for name, result in results.items():
         step = result.step_time
         memory = statistics.median(result.memory) if result.memory else float("nan")
         t_ratio = step / plain_time
-        m_ratio = memory / plain_memory if plain_memory > 0 else float("nan")
+        m_ratio = median_ratio(result.memory, plain.memory)
+        r_ratio = median_ratio(result.resident, plain.resident)
         t_target, m_target = time_target(result), result.configuration.memory_target
         if name == "plain-cfg":
             t_target = m_target = None
@@ -137,9 +145,11 @@ def table(results: dict[str, Result], label: str, memory_kind: str) -> tuple[lis
             f"{t_ratio:>8.2f}{'<=' + format(t_target, '.2f') if t_target else '-':>8}{verdict(t_ratio, t_target):>6}"
             f"{spread(result, plain):>12}"
             f"{m_ratio:>8.2f}{'<=' + format(m_target, '.2f') if m_target else '-':>8}{verdict(m_ratio, m_target):>6}"
+            + (f"{r_ratio:>8.2f}" if resident else "")
         )
         if name != "plain-cfg":
-            ratios.append(f"ratio {name}/b{result.batch} time={t_ratio:.2f} memory={m_ratio:.2f}")
+            line = f"ratio {name}/b{result.batch} time={t_ratio:.2f} memory={m_ratio:.2f}"
+            ratios.append(line + (f" resident={r_ratio:.2f}" if resident else ""))
     return lines, ratios
 
 
@@ -215,7 +225,7 @@ def main(argv=None) -> int:
     for line in machine(args):
         print(line)
     cuda = args.device == "cuda"
-    memory_kind = "peak" if cuda else "growth"
+    memory_kind = "peak" if cuda else "tensors"
     print(
         "memory: "
         + (

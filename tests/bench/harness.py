@@ -317,14 +317,64 @@ def _reset_peak() -> bool:
 
 
 CPU_MEMORY_METHOD = (
-    "CPU memory: peak resident set growth (VmHWM after the run - VmRSS before it, the peak reset through "
-    "/proc/self/clear_refs) of one whole generation in a fresh subprocess per (configuration, repeat), "
-    "after the host and UNet are loaded and before any sampling"
+    "CPU memory, in a fresh subprocess per (configuration, repeat) after the host and UNet are loaded: "
+    "peak tensor bytes of one whole generation (every tensor storage an operation creates, counted "
+    "until it is freed: the CPU counterpart of torch.cuda.max_memory_allocated, kernels' internal "
+    "scratch left out), the figure the targets apply to; beside it 'rss x', the peak resident set "
+    "growth of a first generation (VmHWM after - VmRSS before, peak reset through /proc/self/clear_refs), "
+    "which also holds what the C allocator keeps after frees"
 )
 
 
+class TensorBytes:
+    """Peak bytes of the tensor storages created while it is entered (a TorchDispatchMode sees every
+    operation's outputs; a storage counts from its first output until Python frees it). Storages
+    that existed before (weights, caches) are not counted: the figure is the peak growth."""
+
+    def __init__(self):
+        import gc
+        import weakref
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        gc.collect()
+        before = {id(t.untyped_storage()) for t in gc.get_objects() if isinstance(t, torch.Tensor)}
+        live: dict[int, int] = {}
+        tracker = self
+        self.now = self.peak = 0
+
+        def freed(key: int) -> None:
+            tracker.now -= live.pop(key)
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for tensor in out if isinstance(out, (tuple, list)) else (out,):
+                    if not isinstance(tensor, torch.Tensor) or tensor.device.type != "cpu":
+                        continue
+                    storage = tensor.untyped_storage()
+                    key = id(storage)
+                    if key in live or key in before:
+                        continue
+                    live[key] = storage.nbytes()
+                    weakref.finalize(storage, freed, key)
+                    tracker.now += live[key]
+                    tracker.peak = max(tracker.peak, tracker.now)
+                return out
+
+        self.mode = Mode()
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
 def memory_child(options: dict) -> dict:
-    """One fresh process: load host + UNet, reset the peak, run one generation, report the growth."""
+    """One fresh process: load host + UNet; reset the peak, run one generation, take the resident
+    growth; then a second generation under `TensorBytes` for the peak tensor bytes."""
     torch.set_num_threads(options["threads"])
     bench = Bench(options["model"], "cpu", torch.float32, options["size"], options["steps"])
     import gc
@@ -344,7 +394,9 @@ def memory_child(options: dict) -> dict:
         import resource
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return dict(growth=peak - before, baseline=before, exact=exact)
+    with TensorBytes() as tensors:
+        bench.generate(BY_NAME[options["configuration"]], options["batch"])
+    return dict(tensors=tensors.peak, growth=peak - before, baseline=before, exact=exact)
 
 
 def run_memory_child(options: dict) -> dict:
@@ -368,7 +420,8 @@ class Result:
     batch: int
     runs: list[list[float]] = field(default_factory=list)  # per repeat: the step times
     rows: list[int] = field(default_factory=list)  # UNet rows per call (first repeat)
-    memory: list[float] = field(default_factory=list)  # per repeat: bytes (growth or CUDA peak)
+    memory: list[float] = field(default_factory=list)  # per repeat: peak bytes (CUDA allocated, CPU tensors)
+    resident: list[float] = field(default_factory=list)  # CPU, per repeat: peak resident growth
 
     @property
     def step_time(self) -> float:
@@ -439,7 +492,8 @@ def measure(
                     threads=threads,
                 )
                 child = run_memory_child(options)
-                results[configuration.name].memory.append(child["growth"])
+                results[configuration.name].memory.append(child["tensors"])
+                results[configuration.name].resident.append(child["growth"])
             log(
                 f"# batch {batch}: memory round {round_index + 1}/{memory_repeats} "
                 f"({time.perf_counter() - started:.1f} s)"
