@@ -164,38 +164,22 @@ def issue16_sections(cuda: bool) -> list[dict]:
             dict(model="sd15", size=64, batch=1, names=schedule, steps=8, note="scheduled extra rows"),
         ]
     reduced = "REDUCED SIZE ON CPU: "
+    sd15 = "SD1.5 hires R=1 as SD1.5's full-width UNet at latent 64 (512 px), not 1024²"
+    test_bed = "SD1.5 hires R=1 on the SD1.5-layout test bed (width 32, heads of 4) at latent 64 (512 px)"
+    sdxl = "SDXL layout with narrow channels at latent 32 (256 px) batch 4, not SDXL at 1024²"
+    scheduled = "scheduled extra rows on the SD1.5-layout test bed, latent 16"
     return [
-        dict(
-            model="tiny",
-            size=64,
-            batch=1,
-            names=memory,
-            steps=3,
-            note=reduced + "SD1.5 hires R=1 as the SD1.5-layout test bed at latent 64 (512 px), not SD1.5 at 1024²",
-        ),
-        dict(
-            model="sdxl-layout",
-            size=32,
-            batch=4,
-            names=memory,
-            steps=3,
-            note=reduced + "SDXL layout with narrow channels at latent 32 (256 px) batch 4, not SDXL at 1024²",
-        ),
-        dict(
-            model="tiny",
-            size=16,
-            batch=1,
-            names=schedule,
-            steps=8,
-            note=reduced + "scheduled extra rows on the SD1.5-layout test bed, latent 16",
-        ),
+        dict(model="sd15", size=64, batch=1, names=memory, steps=2, note=reduced + sd15),
+        dict(model="tiny", size=64, batch=1, names=memory, steps=3, note=reduced + test_bed),
+        dict(model="sdxl-layout", size=32, batch=4, names=memory, steps=3, note=reduced + sdxl),
+        dict(model="tiny", size=16, batch=1, names=schedule, steps=8, note=reduced + scheduled),
     ]
 
 
 def run_section(args, memory_kind: str, model: str, size: int, batch: int, names, steps: int, note: str) -> None:
     """One model, size and batch: the named configurations against plain CFG of the same run."""
     configurations = [BY_NAME["plain-cfg"]] + [BY_NAME[name] for name in names]
-    repeats = args.repeats or 2
+    repeats = args.repeats or (1 if model in ("sd15", "sdxl") and args.device == "cpu" else 2)
     bench = Bench(model, args.device, DTYPES[args.dtype], size, steps)
     print(f"\n## {note}: model {model}, latent {size}x{size}, batch {batch}, {steps} steps", flush=True)
     results = measure(

@@ -36,6 +36,8 @@ INFOTEXT_KEYS = {
 # attention regulation's layers sit at 1/4 of the latent: at 64 px their maps are 2x2, too small for one
 # Gaussian bump, and it says so in a note; its checks use 128 px, where it acts
 REGULATION_SIZE = {"width": 128, "height": 128}
+FUSED_SIZE = {"width": 256, "height": 256}
+FUSED_EXTRA = {"scfg_mask_factor": 1}
 ACTED = f"{PREFIX} acted"  # what each method did in the run (hosts/common.record_acted)
 XYZ_SCALE_AXIS = "[Semantic Fidelity] Concept steering: Concept scale"
 XYZ_EDITS_AXIS = "[Semantic Fidelity] SEGA edits: Edits"
@@ -60,7 +62,7 @@ class ApiChecks:
             self.baseline[key] = self.api.generate([False], **size)[0][0]
         return self.baseline[key]
 
-    def method(self, names):
+    def method(self, names, extra: dict | None = None, size: dict | None = None):
         """The methods on: an image whose pixels differ from the host's, the methods' infotext keys,
         no note, and the "acted" summary with no method that did not act."""
 
@@ -68,14 +70,15 @@ class ApiChecks:
             values = {}
             for name in names:
                 values.update(METHODS[name])
-            size = REGULATION_SIZE if "regulation" in names else {}
-            images, infotexts = self.api.generate(with_extension(**values), **size)
+            values.update(extra or {})
+            request_size = size or (REGULATION_SIZE if "regulation" in names else {})
+            images, infotexts = self.api.generate(with_extension(**values), **request_size)
             problem = expect(images, infotexts, keys=[PREFIX, ACTED] + [INFOTEXT_KEYS[n] for n in names])
             if problem:
                 return problem
             if "did not act" in infotext_value(infotexts[0], ACTED):
                 return f"the summary says a method did not act: {infotext_value(infotexts[0], ACTED)!r}"
-            return "same pixels as the host's own image" if same_pixels(images, [self.plain(size)]) else None
+            return "same pixels as the host's own image" if same_pixels(images, [self.plain(request_size)]) else None
 
         return check
 
@@ -243,6 +246,9 @@ class ApiChecks:
         for name in METHODS:
             checks.run(f"method {name}", self.method([name]))
         checks.run("all methods together", self.method(list(METHODS)))
+        # 256 px: the self-attention maps (1024² per head) pass the layer's capture budget, so
+        # S-CFG multiplies them through the fused attention kernel instead of forming them
+        checks.run("S-CFG at R = 1, 256 px (fused products)", self.method(["scfg"], FUSED_EXTRA, FUSED_SIZE))
         checks.run("concepts detected by spaCy (no list given)", self.detected_concepts)
         checks.run("txt2img with hires fix", self.hires)
         checks.run("img2img", self.img2img)
