@@ -140,7 +140,8 @@ def _round8(n: int) -> int:
 def fused_width(batch: int, queries: int, keys: int, dim: int, columns: int, item: int, budget: int) -> int:
     """The head width of a fused call: wide enough for up to VALUE_COLUMNS value columns when one
     head's queries, keys, values and output fit in `budget`, else the head's own width rounded up
-    to 8 (more calls, the same arithmetic: every call computes the scores of its column block)."""
+    to 8: more calls, each computing the scores and softmax again for its block of columns (SD's
+    heads, 40 or 64 wide, fit wide within their queries' bytes unless upcast or the cap binds)."""
     wide = _round8(max(dim, min(columns, VALUE_COLUMNS)))
     return wide if 2 * batch * (queries + keys) * wide * item <= budget else _round8(dim)
 
