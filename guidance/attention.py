@@ -69,7 +69,13 @@ MIN_CAPTURE_CAP = 16 * 2**20
 MAX_CAPTURE_CAP = 256 * 2**20  # enough for full-width kernels; more would only raise the peak
 MIN_CAPTURE_BUDGET = 2**20  # below this a layer's chunk loop costs more launches than it saves bytes
 VALUE_COLUMNS = 128  # value columns per fused call: flash kernels take head widths up to 256
-FUSED_DEVICES = ("cuda", "cpu")  # where SDPA has fused kernels; elsewhere it may form the maps itself
+TORCH_VERSION = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+
+
+def fused_available(device: torch.device) -> bool:
+    """Whether SDPA runs a fused kernel on `device`, never forming the N×M maps: on CUDA, and on the
+    CPU from torch 2.3 (its flash kernel); elsewhere (MPS, DirectML) it may form them itself."""
+    return device.type == "cuda" or (device.type == "cpu" and TORCH_VERSION >= (2, 3))
 
 
 def capture_cap(device: torch.device) -> int:
@@ -194,7 +200,7 @@ class HeadAveragedMaps:
 
     def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
         """maps (B, N, M) @ x (B, M, T) → (B, N, T) float32."""
-        if self.q.device.type in FUSED_DEVICES:
+        if fused_available(self.q.device):
             return head_averaged_product(self.q, self.k, self.heads, x, self.budget, self.upcast)
         return chunked_product(self.q, self.k, self.heads, x, self.budget)
 

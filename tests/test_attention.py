@@ -232,9 +232,9 @@ def test_the_fused_width_is_wide_when_a_head_fits_the_budget_else_the_heads_own(
     assert fused_width(2, 64, 64, 64, 300, 4, 2**30) == 128  # at most VALUE_COLUMNS a call
 
 
-def test_off_cuda_and_cpu_the_product_is_chunked_instead_of_fused(monkeypatch):
-    """Devices without fused SDPA kernels (MPS, DirectML) would form the maps inside SDPA: there the
-    maps are built a chunk at a time within the budget and multiplied."""
+def test_without_a_fused_kernel_the_product_is_chunked_instead(monkeypatch):
+    """Where SDPA has no fused kernel (MPS, DirectML; the CPU before torch 2.3) it would form the
+    maps itself: there they are built a chunk at a time within the budget and multiplied."""
     from guidance import attention
 
     generator = torch.Generator().manual_seed(2)
@@ -246,6 +246,7 @@ def test_off_cuda_and_cpu_the_product_is_chunked_instead_of_fused(monkeypatch):
     monkeypatch.setattr(attention, "head_averaged_product", lambda *a, **kw: fused.append(1))
     attention.HeadAveragedMaps(q, k, 8, 2**16) @ x
     assert fused == [1]
-    monkeypatch.setattr(attention, "FUSED_DEVICES", ("cuda",))
+    assert attention.fused_available(torch.device("cuda")) and not attention.fused_available(torch.device("mps"))
+    monkeypatch.setattr(attention, "TORCH_VERSION", (2, 1))  # A1111 1.10's own torch: no CPU flash kernel
     torch.testing.assert_close(attention.HeadAveragedMaps(q, k, 8, 2**16) @ x, formed, rtol=0, atol=2e-6)
     assert fused == [1]
