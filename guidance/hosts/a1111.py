@@ -29,6 +29,7 @@ from .a1111_rows import step_inputs
 from .common import (
     REFINER_NOTE,
     batch_images,
+    check_encoded,
     console,
     record_plan,
     record_run,
@@ -160,7 +161,9 @@ class A1111Adapter:
         denoiser = p.sampler.model_wrap_cfg
         active = ActiveRun(p=p, denoiser=denoiser, planned=planned, space=_prediction_space(denoiser), model=p.sd_model)
         if planned.run.extra_rows:
-            active.schedules = encode_extra_prompts(p, [row.text for row in planned.run.extra_rows], self._cond_cache)
+            texts = [row.text for row in planned.run.extra_rows]
+            active.schedules = encode_extra_prompts(p, texts, self._cond_cache)
+            check_encoded(texts, active.schedules)
         state.active = self._current = active
         active.previous_combine = denoiser.__dict__.get("combine_denoised")
         denoiser.combine_denoised = active.our_combine = self._combine_for(active)

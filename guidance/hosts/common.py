@@ -6,7 +6,9 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-from ..engine import ImageInfo
+import torch
+
+from ..engine import GuidanceError, ImageInfo
 from ..params import INFOTEXT_PREFIX, Settings
 from ..prompts import format_phrases
 
@@ -160,6 +162,30 @@ def pass_captures(planned, first_image: int) -> list[PassCapture]:
         if concepts is not None or region is not None or attention is not None:
             captures.append(PassCapture(first_image + image, planned.hires, concepts, region, attention))
     return captures
+
+
+def _tensors_of(encoded) -> list:
+    """The tensors of one prompt's encoding: a tensor, SDXL's dict, A1111's schedule list of
+    `ScheduledPromptConditioning` (their `cond`)."""
+    if isinstance(encoded, dict):
+        return [t for value in encoded.values() for t in _tensors_of(value)]
+    if isinstance(encoded, (list, tuple)):
+        return [t for value in encoded for t in _tensors_of(value)]
+    if hasattr(encoded, "cond"):
+        return _tensors_of(encoded.cond)
+    return [encoded] if hasattr(encoded, "isfinite") else []
+
+
+def check_encoded(texts, encoded) -> None:
+    """Raises GuidanceError naming the extra prompts whose encoding holds NaN or inf (a text encoder
+    overflowing in half precision, say), before their rows reach the UNet. Reads the device once per
+    pass, at preparation: never per step."""
+    flags = [torch.stack([t.isfinite().all() for t in _tensors_of(e)]).all() for e in encoded]
+    finite = torch.stack(flags).tolist() if flags else []
+    bad = [text for text, ok in zip(texts, finite, strict=True) if not ok]
+    if bad:
+        quoted = ", ".join(repr(text) for text in bad)
+        raise GuidanceError(f"the text encoder returned NaN or inf for the extra prompt(s) {quoted}")
 
 
 def batch_images(p, prompts=None, seeds=None) -> list[ImageInfo]:

@@ -18,6 +18,7 @@ from ..prompt_model import Tokenizer
 from .common import (
     REFINER_NOTE,
     batch_images,
+    check_encoded,
     record_plan,
     record_run,
     report,
@@ -145,7 +146,9 @@ class ForgeAdapter:
         if not planned.acting:
             return
         cache = state.__dict__.setdefault("forge_encoded", {})
-        extra_conds = encode_prompts(p, [row.text for row in planned.run.extra_rows], cache)
+        texts = [row.text for row in planned.run.extra_rows]
+        extra_conds = encode_prompts(p, texts, cache)
+        check_encoded(texts, extra_conds)
         original = p.sd_model.forge_objects.unet
         clone = original.clone()
         patches = ForgePatches(
