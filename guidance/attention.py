@@ -67,7 +67,7 @@ CPU_CAPTURE_CAP = 64 * 2**20  # most bytes of capture intermediates at one layer
 CUDA_CAP_SHARE = 0.05  # of the memory the device can still give
 MIN_CAPTURE_CAP = 16 * 2**20
 MAX_CAPTURE_CAP = 256 * 2**20  # enough for full-width kernels; more would only raise the peak
-MIN_CAPTURE_BUDGET = 2**20  # below this a layer's chunk loop costs more launches than it saves bytes
+MIN_CAPTURE_BUDGET = 2**18  # below this a layer's chunk loop costs more launches than it saves bytes
 VALUE_COLUMNS = 128  # value columns per fused call: flash kernels take head widths up to 256
 TORCH_VERSION = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
 
