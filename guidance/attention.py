@@ -143,19 +143,23 @@ def _round8(n: int) -> int:
     return -(-n // 8) * 8
 
 
+def fused_head_bytes(batch: int, queries: int, keys: int, width: int, item: int) -> int:
+    """Bytes of one head's queries, keys, values and output in a fused call, padded to `width`."""
+    return 2 * batch * (queries + keys) * width * item
+
+
 def fused_width(batch: int, queries: int, keys: int, dim: int, columns: int, item: int, budget: int) -> int:
     """The head width of a fused call: wide enough for up to VALUE_COLUMNS value columns when one
     head's queries, keys, values and output fit in `budget`, else the head's own width rounded up
     to 8: more calls, each computing the scores and softmax again for its block of columns (SD's
     heads, 40 or 64 wide, fit wide within their queries' bytes unless upcast or the cap binds)."""
     wide = _round8(max(dim, min(columns, VALUE_COLUMNS)))
-    return wide if 2 * batch * (queries + keys) * wide * item <= budget else _round8(dim)
+    return wide if fused_head_bytes(batch, queries, keys, wide, item) <= budget else _round8(dim)
 
 
 def fused_head_group(batch: int, queries: int, keys: int, width: int, heads: int, item: int, budget: int) -> int:
-    """Heads per fused call so that its queries, keys, values and output (padded to `width`, `item`
-    bytes each) fit in `budget`; at least 1."""
-    return max(1, min(heads, budget // (2 * batch * (queries + keys) * width * item)))
+    """Heads per fused call so that its queries, keys, values and output fit in `budget`; at least 1."""
+    return max(1, min(heads, budget // fused_head_bytes(batch, queries, keys, width, item)))
 
 
 def head_averaged_product(
@@ -171,16 +175,17 @@ def head_averaged_product(
     item = torch.finfo(dtype).bits // 8
     width = fused_width(batch, queries, k.shape[1], dim, x.shape[-1], item, budget)
     group = fused_head_group(batch, queries, k.shape[1], width, heads, item, budget)
+    block = min(width, VALUE_COLUMNS)
     out = torch.zeros(batch, queries, x.shape[-1], dtype=torch.float32, device=q.device)
-    for first_column in range(0, x.shape[-1], min(width, VALUE_COLUMNS)):
-        columns = x[..., first_column : first_column + min(width, VALUE_COLUMNS)]
+    for first_column in range(0, x.shape[-1], block):
+        columns = x[..., first_column : first_column + block]
         count = columns.shape[-1]
         values = F.pad(columns.to(dtype), (0, width - count))[:, None]
+        values = values.expand(-1, group, -1, -1).contiguous() if group > 1 else values  # once per block
         for first in range(0, heads, group):
             n = min(group, heads - first)
             qh, kh = (_padded_heads(t, heads, first, n, width, dtype) for t in (q, k))
-            vh = values.expand(-1, n, -1, -1).contiguous() if n > 1 else values
-            part = F.scaled_dot_product_attention(qh, kh, vh, dropout_p=0.0, scale=dim**-0.5)
+            part = F.scaled_dot_product_attention(qh, kh, values[:, :n], dropout_p=0.0, scale=dim**-0.5)
             out[..., first_column : first_column + count] += part[..., :count].sum(1, dtype=torch.float32)
     return out.div_(heads)
 
